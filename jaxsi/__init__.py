@@ -1,0 +1,1 @@
+"""jaxsi: post-training language models (GKD, SequenceMatch, Sharpening) in JAX/Flax."""

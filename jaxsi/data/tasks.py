@@ -189,9 +189,9 @@ def default_data_config(name: str = "arithmetic") -> ml_collections.ConfigDict:
     name: a registered task: "arithmetic" (the default, described below) or a TFDS task
       ("xsum", "wmt14_translate/de-en", "gsm8k"; see `jaxsi.data.tfds_tasks`).
 
-  For arithmetic, `max_prompt_len` and `max_response_len` follow `digits` (overriding `digits` updates them
-  unless they were set explicitly): BOS + the longest question, and the longest answer + EOS,
-  for bases up to 16.
+  For arithmetic, `max_prompt_len` and `max_response_len` follow `digits` (overriding
+  `digits` updates them unless they were set explicitly): BOS + the longest question, and
+  the longest answer + EOS, for bases up to 16.
   """
   if name != "arithmetic":
     if name not in _LAZY_TASK_MODULES:

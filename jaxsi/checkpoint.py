@@ -50,8 +50,10 @@ class Checkpointer:
     self.best_metric = best_metric
     policies = [ocp_managers.LatestN(n=keep)]
     if best_metric:
+      # A step saved before any eval ranks last, rather than failing the save.
+      missing = float("inf") if best_mode == "min" else float("-inf")
       policies.append(ocp_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric],
+          get_metric_fn=lambda metrics: float(metrics.get(best_metric, missing)),
           reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=True))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp_managers.AnyPreservationPolicy(policies),

@@ -1,0 +1,1 @@
+"""Evaluation: decoding held-out prompts and scoring them."""

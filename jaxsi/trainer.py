@@ -1,0 +1,299 @@
+"""The training loop: one linear `train()` whose phases read top to bottom.
+
+mesh -> task and model -> abstract state -> shardings -> restore or init -> jitted step -> loop
+(sample the batch, step, log, eval, checkpoint) -> final eval and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from jaxsi import checkpoint as checkpoint_lib
+from jaxsi import config as config_lib
+from jaxsi import mesh as mesh_lib
+from jaxsi import models
+from jaxsi import objectives
+from jaxsi import optim
+from jaxsi import partitioning
+from jaxsi import state as state_lib
+from jaxsi import step as step_lib
+from jaxsi.data import tasks
+from jaxsi.evals import loop as eval_loop
+from jaxsi.metrics_writer import MetricsWriter
+
+
+class TrainingError(RuntimeError):
+  """The run cannot continue (e.g. the loss became NaN); nothing saved is lost."""
+
+
+@dataclasses.dataclass
+class Run:
+  """What the phases of a run share (built by `setup`)."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  task: Any
+  lm: Any
+  tx: Any
+  state_shardings: Any
+  abstract_state: Any
+  checkpointer: checkpoint_lib.Checkpointer
+  decode: Any
+  eval_examples: list
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` or fails with one sentence if it cannot be written."""
+  if "://" in workdir:  # gs:// and friends: orbax and tf.io handle those.
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".jaxsi_write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise TrainingError(f"Workdir {workdir!r} is not writable ({e.strerror}); "
+                        "pass --workdir=A_WRITABLE_DIRECTORY.") from None
+
+
+def _global_batch(mesh, host_batch: dict[str, np.ndarray], global_batch_size: int) -> dict:
+  """Assembles host-local rows into global arrays sharded over the mesh's batch axes."""
+  out = {}
+  for key, value in host_batch.items():
+    sharding = partitioning.batch_sharding(mesh, value.ndim)
+    global_shape = (global_batch_size,) + value.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out
+
+
+def setup(config, workdir: str) -> Run:
+  """Builds the mesh, task, model, optimizer, shardings and checkpointer of a run."""
+  check_workdir(workdir)
+  mesh = mesh_lib.build_mesh(config.mesh)
+  task = tasks.get_task(config.data)
+  lm = models.build(config.model)
+  if task.tokenizer.vocab_size > lm.vocab_size:
+    raise config_lib.ConfigError(
+        f"The tokenizer has {task.tokenizer.vocab_size} tokens but model.vocab_size is "
+        f"{lm.vocab_size}; set --config.model.vocab_size >= {task.tokenizer.vocab_size}.")
+  batch_shards = partitioning.mesh_size(mesh, partitioning.BATCH_MESH_AXES)
+  if config.train.batch_size % batch_shards or config.train.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"train.batch_size={config.train.batch_size} must be divisible by the data x fsdp mesh size "
+        f"({batch_shards}) and the process count ({jax.process_count()}).")
+  tx = optim.build_optimizer(config.optim)
+
+  init_rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(lambda r: state_lib.create(lm.init(r), tx), init_rng)
+  state_shardings = state_lib.shardings(abstract_state, lm.param_axes(), mesh)
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+      best_metric=config.checkpoint.best_metric or None, best_mode=config.checkpoint.best_mode,
+      async_save=config.checkpoint.async_save)
+  decode = eval_loop.make_decoder(lm, max_new_tokens=config.eval.max_new_tokens,
+                                  eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
+  eval_examples = task.eval_examples(config.eval.num_examples)
+  return Run(config, workdir, mesh, task, lm, tx, state_shardings, abstract_state, checkpointer,
+             decode, eval_examples)
+
+
+def restore_or_init(run: Run) -> tuple[Any, int]:
+  """The latest readable checkpoint in the workdir, else a fresh state. Returns (state, step)."""
+  if run.checkpointer.latest_step() is not None:
+    target = checkpoint_lib.abstract_with_shardings(run.abstract_state, run.state_shardings)
+    step, state, _ = run.checkpointer.restore(target)
+    logging.info("Resumed from %s at step %d.", run.checkpointer.directory, step)
+    return state, step
+  init = jax.jit(lambda r: state_lib.create(run.lm.init(r), run.tx),
+                 out_shardings=run.state_shardings)
+  return init(jax.random.PRNGKey(run.config.seed)), 0
+
+
+def _frozen(run: Run) -> dict:
+  """Frozen parameters for the objective (teacher / base model); none for SFT."""
+  return {}
+
+
+def _count_tokens(batch: dict[str, np.ndarray]) -> int:
+  return int(batch["prompt_mask"].sum() + batch["response_mask"].sum())
+
+
+def run_eval(run: Run, params) -> dict[str, float]:
+  """Greedy-decodes the held-out examples and returns `eval/<metric>` values."""
+  with jax.sharding.use_mesh(run.mesh) if hasattr(jax.sharding, "use_mesh") else run.mesh:
+    metrics, _ = eval_loop.evaluate(run.decode, params, run.task, run.eval_examples,
+                                    batch_size=run.config.eval.batch_size, mesh=run.mesh)
+  return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+
+def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, float]:
+  """Trains until `config.train.steps`, resuming from WORKDIR/checkpoints if present.
+
+  Args:
+    config: the locked experiment config.
+    workdir: the run directory.
+    stop_at: stop after this step with a checkpoint, as a preemption would (the schedule
+      still follows `config.train.steps`); rerunning continues from there.
+
+  Returns:
+    The final metrics (last train metrics and the final eval).
+  """
+  run = setup(config, workdir)
+  is_main = jax.process_index() == 0
+  state, start_step = restore_or_init(run)
+  total_steps = config.train.steps
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+  writer = MetricsWriter(workdir, resume_step=start_step,
+                         tensorboard=config.log.tensorboard) if is_main else None
+
+  loss_fn = objectives.make_loss_fn(config.objective, run.lm)
+  frozen = _frozen(run)
+  example_batch = run.task.train_batch(0, config.train.batch_size,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  batch_shardings = {k: partitioning.batch_sharding(run.mesh, v.ndim)
+                     for k, v in example_batch.items()}
+  replicated = partitioning.replicated(run.mesh)
+  train_step = jax.jit(
+      step_lib.make_train_step(loss_fn, run.tx),
+      in_shardings=(run.state_shardings, jax.tree.map(lambda _: replicated, frozen),
+                    batch_shardings, replicated),
+      out_shardings=(run.state_shardings, replicated),
+      donate_argnums=(0,))
+  train_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+
+  stop_requested = {"signal": None}
+
+  def on_sigterm(signum, _frame):
+    stop_requested["signal"] = signum
+
+  previous_handler = None
+  # Signal handlers can only be installed from the main thread (not, e.g., under a test runner thread).
+  if threading.current_thread() is threading.main_thread():
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+  def save(step: int, metrics: dict, force: bool = False) -> None:
+    run.checkpointer.save(step, state, config=config.to_dict(), metrics=metrics,
+                          data={"step": step, "task": config.data.name}, force=force)
+
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                       disable=not (is_main and config.train.progress), dynamic_ncols=True)
+  schedule = optim.build_schedule(config.optim)
+  last_metrics: dict[str, float] = {}
+  # Metrics of step t are fetched after step t+1 is dispatched, so the host never stalls the
+  # device; `pending` holds (step number after the update, device metrics).
+  pending: tuple[int, Any] | None = None
+  window = {"tokens": 0, "seconds": 0.0}  # throughput window, excluding eval and checkpoints
+
+  def fetch(pending) -> dict[str, float]:
+    step, device_metrics = pending
+    host = {f"train/{k}": float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not math.isfinite(host["train/loss"]):
+      raise TrainingError(
+          f"The loss became {host['train/loss']} at step {step}; stopping. The last good checkpoint "
+          f"(step {run.checkpointer.latest_step()}) is kept in {run.checkpointer.directory}; lower "
+          "optim.lr or enable optim.grad_clip_norm.")
+    return host
+
+  def log(pending) -> None:
+    host = fetch(pending)
+    step = pending[0]
+    last_metrics.update(host)
+    if step % config.train.log_every and step != total_steps:
+      return
+    host["train/tokens_per_s"] = window["tokens"] / max(window["seconds"], 1e-9)
+    host["train/lr"] = float(schedule(step - 1))
+    window.update(tokens=0, seconds=0.0)
+    last_metrics.update(host)
+    if writer:
+      writer.write(step, host)
+    progress.set_postfix(loss=f"{host['train/loss']:.4f}",
+                         tok_s=f"{host['train/tokens_per_s']:.0f}", refresh=False)
+
+  def save(step: int, force: bool = False) -> None:
+    run.checkpointer.save(step, state, config=config.to_dict(), metrics=last_metrics,
+                          data={"step": step, "task": config.data.name}, force=force)
+
+  try:
+    for step in range(start_step, total_steps):
+      tick = time.perf_counter()
+      host_batch = run.task.train_batch(step, config.train.batch_size,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+      batch = _global_batch(run.mesh, host_batch, config.train.batch_size)
+      state, device_metrics = train_step(state, frozen, batch, train_rng)
+      if pending is not None:
+        log(pending)
+      pending = (step + 1, device_metrics)
+      window["tokens"] += _count_tokens(host_batch) * jax.process_count()
+      window["seconds"] += time.perf_counter() - tick
+      progress.update(1)
+      done = step + 1
+
+      if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
+        eval_metrics = run_eval(run, state.params)
+        last_metrics.update(eval_metrics)
+        if writer:
+          writer.write(done, eval_metrics)
+        progress.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+      if config.train.checkpoint_every and done % config.train.checkpoint_every == 0:
+        log(pending)  # never checkpoint a state whose loss went bad
+        pending = None
+        save(done)
+      if stop_requested["signal"] is not None or done == stop_at:
+        if stop_requested["signal"] is not None:
+          logging.warning("SIGTERM received: saving step %d and exiting.", done)
+        if pending is not None:
+          log(pending)
+        save(done, force=True)
+        run.checkpointer.close()
+        return last_metrics
+
+    if pending is not None:
+      log(pending)
+    final_step = max(total_steps, start_step)
+    if config.eval.at_end:
+      eval_metrics = run_eval(run, state.params)
+      last_metrics.update(eval_metrics)
+      if writer:
+        writer.write(final_step, eval_metrics)
+      if is_main:
+        progress.write("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+    save(final_step, force=True)
+    run.checkpointer.close()
+  finally:
+    progress.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  return last_metrics
+
+
+def evaluate_only(config, workdir: str) -> dict[str, float]:
+  """Restores the latest checkpoint in `workdir` and runs the eval set (`--mode=eval`)."""
+  run = setup(config, workdir)
+  if run.checkpointer.latest_step() is None:
+    raise TrainingError(f"No checkpoint in {run.checkpointer.directory} to evaluate; train first "
+                        "or pass the --workdir of a finished run.")
+  state, step = restore_or_init(run)
+  metrics = run_eval(run, state.params)
+  if jax.process_index() == 0:
+    print(f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+  run.checkpointer.close()
+  return metrics
+
+

@@ -11,11 +11,13 @@ from typing import Any, Callable
 
 import ml_collections
 
+from jaxsi.objectives import gkd
 from jaxsi.objectives import sft
 
 LossFn = Callable[..., tuple[Any, dict[str, Any]]]
 
 _FACTORIES: dict[str, Callable[..., LossFn]] = {
+    "gkd": gkd.make_loss_fn,
     "sft": sft.make_loss_fn,
 }
 

@@ -142,6 +142,9 @@ def base_config(*, model: ml_collections.ConfigDict, data: ml_collections.Config
 
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Start from trained weights instead of a random init: a jaxsi workdir or a Hugging Face
+  # checkpoint (directory or hub id). Ignored when the workdir already holds a checkpoint.
+  config.init_from = ""
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   config.model = model
   config.data = data

@@ -26,6 +26,7 @@ from jaxsi import models
 from jaxsi import objectives
 from jaxsi import optim
 from jaxsi import partitioning
+from jaxsi import pretrained
 from jaxsi import state as state_lib
 from jaxsi import step as step_lib
 from jaxsi.data import tasks
@@ -117,6 +118,15 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
     step, state, _ = run.checkpointer.restore(target)
     logging.info("Resumed from %s at step %d.", run.checkpointer.directory, step)
     return state, step
+  if run.config.init_from:
+    _, params = pretrained.load(run.config.init_from, mesh=run.mesh)
+    try:
+      pretrained.check_compatible(run.abstract_state.params, params, run.config.init_from)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    create = jax.jit(lambda p: state_lib.create(p, run.tx), out_shardings=run.state_shardings)
+    logging.info("Initialized from %s.", run.config.init_from)
+    return create(params), 0
   init = jax.jit(lambda r: state_lib.create(run.lm.init(r), run.tx),
                  out_shardings=run.state_shardings)
   return init(jax.random.PRNGKey(run.config.seed)), 0

@@ -1,0 +1,115 @@
+"""Parameters from elsewhere: a finished jaxsi run, or a Hugging Face checkpoint.
+
+Used to start a run from trained weights (`init_from`), to load a frozen teacher or base
+model, and to export. A *source* is either a jaxsi workdir (it has a `checkpoints/` folder),
+or anything `jaxsi.models.from_pretrained` accepts (a local HF directory, or a hub id).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxsi import checkpoint as checkpoint_lib
+from jaxsi import optim
+from jaxsi import partitioning
+from jaxsi import state as state_lib
+from jaxsi.models import build
+from jaxsi.models.lm import LanguageModel
+
+
+def is_workdir(source: str) -> bool:
+  """Whether `source` is a jaxsi run directory."""
+  return os.path.isdir(os.path.join(source, "checkpoints"))
+
+
+def stored_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, resolved config) stored with a checkpoint of `workdir` (latest step by default).
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint (or not that step).
+  """
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{workdir!r} has no checkpoint; train it first or point to "
+                              "another run or a Hugging Face checkpoint.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; it has {steps}.")
+    return step, ml_collections.ConfigDict(checkpointer.read_json(step, "config"))
+  finally:
+    checkpointer.close()
+
+
+def _place(params: Any, lm: LanguageModel, mesh: Mesh | None) -> Any:
+  if mesh is None:
+    return jax.tree.map(np.asarray, params)
+  shardings = partitioning.shardings_for(lm.param_axes(), lm.abstract_params(), mesh)
+  return jax.device_put(params, shardings)
+
+
+def load_workdir(workdir: str, *, mesh: Mesh | None = None, step: int | None = None
+                 ) -> tuple[LanguageModel, Any, ml_collections.ConfigDict]:
+  """The model and parameters of a jaxsi run.
+
+  The state is restored directly into the layout it will be used in: sharded over `mesh`
+  when one is given (so a large teacher never has to fit on one device), else on one device
+  and returned as NumPy arrays.
+
+  Returns:
+    (lm, params, the run's stored config).
+  """
+  step, config = stored_config(workdir, step)
+  lm = build(config.model)
+  tx = optim.build_optimizer(config.optim)
+  abstract = jax.eval_shape(lambda r: state_lib.create(lm.init(r), tx), jax.random.PRNGKey(0))
+  target_mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
+                                                   partitioning.MESH_AXES)
+  shardings = state_lib.shardings(abstract, lm.param_axes(), target_mesh)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    _, state, _ = checkpointer.restore(
+        checkpoint_lib.abstract_with_shardings(abstract, shardings), step=step)
+  finally:
+    checkpointer.close()
+  params = state.params if mesh is not None else jax.tree.map(np.asarray, state.params)
+  return lm, params, config
+
+
+def load(source: str, *, mesh: Mesh | None = None) -> tuple[LanguageModel, Any]:
+  """(lm, params) from a jaxsi workdir or a Hugging Face checkpoint (directory or hub id)."""
+  if is_workdir(source):
+    lm, params, _ = load_workdir(source, mesh=mesh)
+    return lm, params
+  if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):
+    raise FileNotFoundError(f"{source!r} is neither a jaxsi run (no checkpoints/) nor a Hugging "
+                            "Face checkpoint (no config.json).")
+  from jaxsi.models import from_pretrained
+  lm, params = from_pretrained(source)
+  return lm, _place(params, lm, mesh)
+
+
+def check_compatible(expected_abstract: Any, params: Any, source: str) -> None:
+  """Raises ValueError naming the first leaf whose path or shape differs from the model's."""
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(expected_abstract)[0]}
+  have = {jax.tree_util.keystr(p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for name, shape in want.items():
+    if name not in have:
+      raise ValueError(f"Parameters from {source!r} lack {name} that the configured model has; "
+                       "make config.model match the checkpoint.")
+    if have[name] != shape:
+      raise ValueError(f"Parameter {name} from {source!r} has shape {have[name]} but the configured "
+                       f"model expects {shape}; make config.model match the checkpoint.")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ValueError(f"Parameters from {source!r} have {extra[0]} that the configured model lacks; "
+                     "make config.model match the checkpoint.")

@@ -88,9 +88,12 @@ def load(source: str, *, mesh: Mesh | None = None) -> tuple[LanguageModel, Any]:
   if is_workdir(source):
     lm, params, _ = load_workdir(source, mesh=mesh)
     return lm, params
-  if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):
+  looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source) \
+      or "://" in source or source.count("/") > 1
+  if looks_local and not os.path.exists(os.path.join(source, "config.json")):
     raise FileNotFoundError(f"{source!r} is neither a jaxsi run (no checkpoints/) nor a Hugging "
-                            "Face checkpoint (no config.json).")
+                            "Face checkpoint (no config.json); pass a run directory, a Hugging "
+                            "Face directory, or a hub id like 'google/flan-t5-small'.")
   from jaxsi.models import from_pretrained
   lm, params = from_pretrained(source)
   return lm, _place(params, lm, mesh)

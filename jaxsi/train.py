@@ -69,11 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "eval":
       trainer.evaluate_only(config, args.workdir)
     else:
-      metrics = trainer.train(config, args.workdir)
+      if "pipeline" in config:
+        from jaxsi import pipeline
+        metrics = pipeline.run(config, args.workdir)
+      else:
+        metrics = trainer.train(config, args.workdir)
       if jax.process_index() == 0 and metrics:
         shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("eval/", "train/loss"))}
         print("done: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-  except (config_lib.ConfigError, trainer.TrainingError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, trainer.TrainingError, FileNotFoundError, ValueError) as e:
+    # Bad input ends in one sentence; --log_level=DEBUG shows where it was raised.
+    logging.debug("traceback", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

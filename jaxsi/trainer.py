@@ -24,12 +24,14 @@ from jaxsi import config as config_lib
 from jaxsi import mesh as mesh_lib
 from jaxsi import models
 from jaxsi import objectives
+from jaxsi import onpolicy
 from jaxsi import optim
 from jaxsi import partitioning
 from jaxsi import pretrained
 from jaxsi import state as state_lib
 from jaxsi import step as step_lib
 from jaxsi.data import tasks
+from jaxsi.objectives import gkd
 from jaxsi.evals import loop as eval_loop
 from jaxsi.metrics_writer import MetricsWriter
 
@@ -132,9 +134,50 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
   return init(jax.random.PRNGKey(run.config.seed)), 0
 
 
-def _frozen(run: Run) -> dict:
-  """Frozen parameters for the objective (teacher / base model); none for SFT."""
-  return {}
+@dataclasses.dataclass
+class ObjectiveParts:
+  """What the loop needs from the objective.
+
+  Attributes:
+    loss_fn: `loss_fn(params, frozen, batch, rng, step) -> (loss, metrics)`.
+    frozen: frozen parameters passed to every step, never donated (e.g. {"teacher": ...}).
+    frozen_shardings: their shardings.
+    prepare: None, or a host callable `(step, batch, params, frozen) -> (batch, metrics)` run
+      before each step (GKD: replace responses by samples).
+  """
+
+  loss_fn: Any
+  frozen: dict
+  frozen_shardings: dict
+  prepare: Any = None
+
+
+def build_objective(run: Run) -> ObjectiveParts:
+  """The loss, frozen parameters and per-step batch preparation of `config.objective`."""
+  config = run.config
+  name = config.objective.name
+  if name != "gkd":
+    return ObjectiveParts(objectives.make_loss_fn(config.objective, run.lm), {}, {})
+  source = config.teacher.source if "teacher" in config else ""
+  if not source:
+    raise config_lib.ConfigError(
+        "objective gkd needs a frozen teacher: set --config.teacher.source to a jaxsi workdir or a "
+        "Hugging Face checkpoint (configs/arithmetic_gkd.py trains one when it is empty).")
+  teacher_lm, teacher_params = pretrained.load(source, mesh=run.mesh)
+  if teacher_lm.vocab_size != run.lm.vocab_size:
+    raise config_lib.ConfigError(
+        f"Teacher vocabulary width {teacher_lm.vocab_size} (from {source!r}) differs from the "
+        f"student's model.vocab_size={run.lm.vocab_size}; GKD compares distributions over the same "
+        "tokens, so both models need the same tokenizer and head width.")
+  loss_fn = objectives.make_loss_fn(config.objective, run.lm, teacher_lm=teacher_lm,
+                                    eos_id=run.task.tokenizer.eos_id)
+  frozen = {"teacher": teacher_params}
+  frozen_shardings = {"teacher": partitioning.shardings_for(
+      teacher_lm.param_axes(), teacher_lm.abstract_params(), run.mesh)}
+  sampler = onpolicy.ResponseSampler(run.lm, teacher_lm, config.objective, run.task, run.mesh,
+                                     run.task.max_response_len, config.seed)
+  prepare = lambda step, batch, params, frozen: sampler(step, batch, params, frozen["teacher"])
+  return ObjectiveParts(loss_fn, frozen, frozen_shardings, prepare)
 
 
 def _count_tokens(batch: dict[str, np.ndarray]) -> int:
@@ -171,18 +214,19 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
   writer = MetricsWriter(workdir, resume_step=start_step,
                          tensorboard=config.log.tensorboard) if is_main else None
 
-  loss_fn = objectives.make_loss_fn(config.objective, run.lm)
-  frozen = _frozen(run)
+  parts = build_objective(run)
+  frozen = parts.frozen
   example_batch = run.task.train_batch(0, config.train.batch_size,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
   batch_shardings = {k: partitioning.batch_sharding(run.mesh, v.ndim)
                      for k, v in example_batch.items()}
   replicated = partitioning.replicated(run.mesh)
+  if parts.prepare is not None and gkd.uses_rewards(config.objective):
+    batch_shardings["reward"] = partitioning.batch_sharding(run.mesh, 1)
   train_step = jax.jit(
-      step_lib.make_train_step(loss_fn, run.tx),
-      in_shardings=(run.state_shardings, jax.tree.map(lambda _: replicated, frozen),
-                    batch_shardings, replicated),
+      step_lib.make_train_step(parts.loss_fn, run.tx),
+      in_shardings=(run.state_shardings, parts.frozen_shardings, batch_shardings, replicated),
       out_shardings=(run.state_shardings, replicated),
       donate_argnums=(0,))
   train_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
@@ -208,7 +252,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
   # Metrics of step t are fetched after step t+1 is dispatched, so the host never stalls the
   # device; `pending` holds (step number after the update, device metrics).
   pending: tuple[int, Any] | None = None
-  window = {"tokens": 0, "seconds": 0.0}  # throughput window, excluding eval and checkpoints
+  # throughput window, excluding eval and checkpoints
+  window = {"tokens": 0, "seconds": 0.0, "sample_seconds": 0.0}
 
   def fetch(pending) -> dict[str, float]:
     step, device_metrics = pending
@@ -227,8 +272,10 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
     if step % config.train.log_every and step != total_steps:
       return
     host["train/tokens_per_s"] = window["tokens"] / max(window["seconds"], 1e-9)
+    if "train/sample_seconds" in host:
+      host["train/sampling_time_share"] = window["sample_seconds"] / max(window["seconds"], 1e-9)
     host["train/lr"] = float(schedule(step - 1))
-    window.update(tokens=0, seconds=0.0)
+    window.update(tokens=0, seconds=0.0, sample_seconds=0.0)
     last_metrics.update(host)
     if writer:
       writer.write(step, host)
@@ -246,12 +293,20 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count())
       batch = _global_batch(run.mesh, host_batch, config.train.batch_size)
+      host_extra = {}
+      if parts.prepare is not None:
+        sample_start = time.perf_counter()
+        batch, host_extra = parts.prepare(step, batch, state.params, frozen)
+        host_extra["sample_seconds"] = time.perf_counter() - sample_start
       state, device_metrics = train_step(state, frozen, batch, train_rng)
+      if host_extra:
+        device_metrics = {**device_metrics, **host_extra}
       if pending is not None:
         log(pending)
       pending = (step + 1, device_metrics)
       window["tokens"] += _count_tokens(host_batch) * jax.process_count()
       window["seconds"] += time.perf_counter() - tick
+      window["sample_seconds"] += host_extra.get("sample_seconds", 0.0)
       progress.update(1)
       done = step + 1
 

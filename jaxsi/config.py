@@ -162,6 +162,8 @@ def base_config(*, model: ml_collections.ConfigDict, data: ml_collections.Config
       "num_examples": 200,
       "batch_size": 200,
       "max_new_tokens": 16,
+      # 0 = greedy ("eval/accuracy"); others sample ("eval/accuracy_t1" for 1.0).
+      "temperatures": (0.0,),
       "at_end": True,
   })
   config.checkpoint = ml_collections.ConfigDict({

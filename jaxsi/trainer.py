@@ -107,7 +107,8 @@ def setup(config, workdir: str) -> Run:
       best_metric=config.checkpoint.best_metric or None, best_mode=config.checkpoint.best_mode,
       async_save=config.checkpoint.async_save)
   decode = eval_loop.make_decoder(lm, max_new_tokens=config.eval.max_new_tokens,
-                                  eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id)
+                                  eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id,
+                                  mesh=mesh)
   eval_examples = task.eval_examples(config.eval.num_examples)
   return Run(config, workdir, mesh, task, lm, tx, state_shardings, abstract_state, checkpointer,
              decode, eval_examples)
@@ -186,9 +187,10 @@ def _count_tokens(batch: dict[str, np.ndarray]) -> int:
 
 def run_eval(run: Run, params) -> dict[str, float]:
   """Greedy-decodes the held-out examples and returns `eval/<metric>` values."""
-  with jax.sharding.use_mesh(run.mesh) if hasattr(jax.sharding, "use_mesh") else run.mesh:
-    metrics, _ = eval_loop.evaluate(run.decode, params, run.task, run.eval_examples,
-                                    batch_size=run.config.eval.batch_size, mesh=run.mesh)
+  metrics, _ = eval_loop.evaluate(run.decode, params, run.task, run.eval_examples,
+                                  batch_size=run.config.eval.batch_size, mesh=run.mesh,
+                                  temperatures=run.config.eval.temperatures,
+                                  seed=run.config.seed)
   return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 

@@ -1,0 +1,1 @@
+"""Operator tools that run before or beside training (e.g. `python -m jaxsi.tools.aot`)."""

@@ -128,7 +128,9 @@ class Checkpointer:
         continue
       side = {k: restored[k] or {} for k in ("config", "metrics", "data")}
       return candidate, restored["state"], side
-    raise FileNotFoundError(f"No readable checkpoint in {self.directory}; unreadable steps: {errors}.")
+    raise FileNotFoundError(
+        f"No readable checkpoint in {self.directory} (steps {errors} failed to restore: damaged, or "
+        "saved with a different model or optimizer config than this run's).")
 
   def read_json(self, step: int, item: str) -> dict:
     """Reads a JSON side item of `step` without touching the state."""

@@ -174,3 +174,28 @@ def base_config(*, model: ml_collections.ConfigDict, data: ml_collections.Config
   })
   config.log = ml_collections.ConfigDict({"tensorboard": False})
   return config
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Separates `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides from other arguments.
+
+  Returns:
+    (the other arguments, the (KEY, VALUE) overrides in command-line order).
+
+  Raises:
+    ConfigError: an override without a value.
+  """
+  overrides: list[tuple[str, str]] = []
+  rest: list[str] = []
+  args = iter(argv)
+  for arg in args:
+    if not arg.startswith("--config."):
+      rest.append(arg)
+      continue
+    key, eq, value = arg[len("--config."):].partition("=")
+    if not eq:
+      value = next(args, None)
+      if value is None:
+        raise ConfigError(f"Override --config.{key} has no value; write --config.{key}=VALUE.")
+    overrides.append((key, value))
+  return rest, overrides

@@ -7,24 +7,35 @@ import math
 import os
 from typing import Mapping
 
+from etils import epath
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
 
 class MetricsWriter:
   """Appends `{"step": N, name: value, ...}` lines; only process 0 should create one.
 
+  Local files are appended to; on object stores (gs://), which cannot append, the whole
+  (small) file is rewritten on every write.
+
   Args:
-    workdir: the run directory.
+    workdir: the run directory (local or gs://...).
     resume_step: on resume, lines with a step above this one (written after the checkpoint
       the run restarts from) are dropped so the file never holds two histories.
     tensorboard: also write TensorBoard event files under WORKDIR/tensorboard.
   """
 
   def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = False):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None and os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._lines: list[str] = []
+    if self.path.exists():
+      lines = [line + "\n" for line in self.path.read_text().splitlines() if line.strip()]
+      if resume_step is not None:
+        lines = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+      self._lines = lines
+      self.path.write_text("".join(lines))
     self._tb = None
     if tensorboard:
       from flax.metrics import tensorboard as flax_tb  # imports TensorFlow: only when asked.
@@ -36,8 +47,13 @@ class MetricsWriter:
     for key, value in metrics.items():
       value = float(value)
       row[key] = value if math.isfinite(value) else str(value)
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    self._lines.append(line)
+    if _is_remote(str(self.path)):
+      self.path.write_text("".join(self._lines))
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self._tb is not None:
       for key, value in metrics.items():
         self._tb.scalar(key, float(value), int(step))
@@ -46,8 +62,7 @@ class MetricsWriter:
 
 def read(workdir_or_file: str) -> list[dict]:
   """All rows of a run's metrics.jsonl, in file order."""
-  path = workdir_or_file
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  path = epath.Path(workdir_or_file)
+  if path.is_dir():
+    path = path / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

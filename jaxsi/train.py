@@ -23,22 +23,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
   parser.add_argument("--mode", default="train", choices=("train", "eval"))
   parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
   parser.add_argument("--log_level", default="WARNING")
-  overrides: list[tuple[str, str]] = []
-  rest: list[str] = []
-  i = 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config."):
-      key, eq, value = arg[len("--config."):].partition("=")
-      if not eq:
-        if i + 1 >= len(argv):
-          parser.error(f"override --config.{key} has no value; write --config.{key}=VALUE.")
-        value = argv[i + 1]
-        i += 1
-      overrides.append((key, value))
-    else:
-      rest.append(arg)
-    i += 1
+  from jaxsi.config import ConfigError, split_overrides  # light: no jax import
+  try:
+    rest, overrides = split_overrides(argv)
+  except ConfigError as e:
+    parser.error(str(e))
   return parser.parse_args(rest), overrides
 
 

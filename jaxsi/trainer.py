@@ -92,6 +92,14 @@ def setup(config, workdir: str) -> Run:
     raise config_lib.ConfigError(
         f"The tokenizer has {task.tokenizer.vocab_size} tokens but model.vocab_size is "
         f"{lm.vocab_size}; set --config.model.vocab_size >= {task.tokenizer.vocab_size}.")
+  max_len = config.model.get("max_len", None)
+  total_len = task.max_prompt_len + max(task.max_response_len, config.eval.max_new_tokens)
+  if config.model.family == "decoder" and max_len is not None and total_len > max_len:
+    raise config_lib.ConfigError(
+        f"Prompt + response need {total_len} positions (data.max_prompt_len="
+        f"{task.max_prompt_len}, response {max(task.max_response_len, config.eval.max_new_tokens)})"
+        f" but the model allows model.max_len={max_len}; shorten data.max_prompt_len or raise "
+        "model.max_len.")
   batch_shards = partitioning.mesh_size(mesh, partitioning.BATCH_MESH_AXES)
   if config.train.batch_size % batch_shards or config.train.batch_size % jax.process_count():
     raise config_lib.ConfigError(
@@ -110,6 +118,11 @@ def setup(config, workdir: str) -> Run:
                                   eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id,
                                   mesh=mesh)
   eval_examples = task.eval_examples(config.eval.num_examples)
+  if not eval_examples and (config.eval.at_end or config.train.eval_every):
+    raise config_lib.ConfigError(
+        f"The eval set of task {config.data.name!r} is empty (eval.num_examples="
+        f"{config.eval.num_examples}); set eval.num_examples > 0, or eval.at_end=false and "
+        "train.eval_every=0 to train without evals.")
   return Run(config, workdir, mesh, task, lm, tx, state_shardings, abstract_state, checkpointer,
              decode, eval_examples)
 
@@ -318,7 +331,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
         if writer:
           writer.write(done, eval_metrics)
         progress.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-      if config.train.checkpoint_every and done % config.train.checkpoint_every == 0:
+      # The final step is saved after the final eval, so its checkpoint carries those metrics.
+      if (config.train.checkpoint_every and done % config.train.checkpoint_every == 0
+          and done < total_steps):
         log(pending)  # never checkpoint a state whose loss went bad
         pending = None
         save(done)

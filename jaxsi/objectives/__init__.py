@@ -12,12 +12,14 @@ from typing import Any, Callable
 import ml_collections
 
 from jaxsi.objectives import gkd
+from jaxsi.objectives import sequencematch
 from jaxsi.objectives import sft
 
 LossFn = Callable[..., tuple[Any, dict[str, Any]]]
 
 _FACTORIES: dict[str, Callable[..., LossFn]] = {
     "gkd": gkd.make_loss_fn,
+    "sequencematch": sequencematch.make_loss_fn,
     "sft": sft.make_loss_fn,
 }
 

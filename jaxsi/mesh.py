@@ -28,8 +28,9 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   if process_id is None and "JAXSI_PROCESS_ID" in os.environ:
     process_id = int(os.environ["JAXSI_PROCESS_ID"])
   if coordinator_address and num_processes and num_processes > 1:
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives for CPU devices (how tests and laptops run several processes);
+    # GPU and TPU devices use their own and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     logging.info("jax.distributed initialized: process %d of %d", jax.process_index(),

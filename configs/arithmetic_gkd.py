@@ -56,6 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "teacher_steps": 2000,
       "student_sft_steps": 250,
       "sft_lr": 1e-3,
+      "teacher_init_from": "",     # start the teacher's SFT from a checkpoint instead of scratch
+      "student_init_from": "",
   })
 
   config.objective = gkd.default_objective_config()

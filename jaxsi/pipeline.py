@@ -1,7 +1,8 @@
 """Multi-stage runs: train the missing prerequisites, then the main stage.
 
 A config with a `pipeline` section describes the stages a distillation needs when no
-trained models are given:
+trained models are given (`pipeline.teacher_init_from` / `student_init_from` let those SFT
+stages start from pretrained checkpoints, e.g. hub T5s, instead of a random init):
 
   WORKDIR/teacher/      SFT of `config.teacher.model`      (when teacher.source is empty)
   WORKDIR/student_sft/  SFT of `config.model`              (when init_from is empty)
@@ -34,16 +35,15 @@ class Stage:
 
 
 def _sft_stage(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict, steps: int,
-               lr: float) -> ml_collections.ConfigDict:
-  """The main config turned into an SFT run of `model` for `steps` steps."""
+               lr: float, init_from: str) -> ml_collections.ConfigDict:
+  """The main config turned into an SFT run of `model` for `steps` steps from `init_from`."""
   stage = ml_collections.ConfigDict(config.to_dict())  # a plain, unlocked copy
   stage.model = ml_collections.ConfigDict(model.to_dict())
   stage.objective = sft.default_objective_config()
-  stage.init_from = ""
+  stage.init_from = init_from
   stage.train.steps = steps
   stage.optim.total_steps = steps
   stage.optim.lr = lr
-  stage.checkpoint.best_metric = "eval/accuracy"
   del stage["pipeline"]
   if "teacher" in stage:
     del stage["teacher"]
@@ -62,13 +62,15 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
                        "(--config.teacher.source=...) or steps to train one.")
     teacher_dir = os.path.join(workdir, "teacher")
     out.append(Stage("teacher", _sft_stage(config, config.teacher.model, plan.teacher_steps,
-                                           plan.sft_lr), teacher_dir))
+                                           plan.sft_lr, plan.get("teacher_init_from", "")),
+                     teacher_dir))
     teacher_source = teacher_dir
   init_from = config.init_from
   if not init_from and plan.student_sft_steps:
     student_dir = os.path.join(workdir, "student_sft")
     out.append(Stage("student_sft", _sft_stage(config, config.model, plan.student_sft_steps,
-                                               plan.sft_lr), student_dir))
+                                               plan.sft_lr, plan.get("student_init_from", "")),
+                     student_dir))
     init_from = student_dir
   main = ml_collections.ConfigDict(config.to_dict())
   main.teacher.source = teacher_source

@@ -142,6 +142,7 @@ _TASK_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {}
 # Registered on import of their module, which happens on first use: importing
 # tensorflow-datasets costs every run that never reads a TFDS task.
 _LAZY_TASK_MODULES = {
+    "sharpened": "jaxsi.data.sharpened",
     "xsum": "jaxsi.data.tfds_tasks",
     "wmt14_translate/de-en": "jaxsi.data.tfds_tasks",
     "gsm8k": "jaxsi.data.tfds_tasks",

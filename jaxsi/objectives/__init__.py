@@ -14,6 +14,7 @@ import ml_collections
 from jaxsi.objectives import gkd
 from jaxsi.objectives import sequencematch
 from jaxsi.objectives import sft
+from jaxsi.objectives import sharpening
 
 LossFn = Callable[..., tuple[Any, dict[str, Any]]]
 
@@ -21,6 +22,7 @@ _FACTORIES: dict[str, Callable[..., LossFn]] = {
     "gkd": gkd.make_loss_fn,
     "sequencematch": sequencematch.make_loss_fn,
     "sft": sft.make_loss_fn,
+    "sharpening": sharpening.make_loss_fn,
 }
 
 

@@ -68,6 +68,10 @@ def load_workdir(workdir: str, *, mesh: Mesh | None = None, step: int | None = N
   """
   step, config = stored_config(workdir, step)
   lm = build(config.model)
+  if config.objective.get("name") == "sequencematch":
+    # The run trained a model grown by the <bksp> row; its stored config is the un-grown one.
+    from jaxsi import sm_batches
+    lm = sm_batches.with_backspace(lm, config.objective)
   tx = optim.build_optimizer(config.optim)
   abstract = jax.eval_shape(lambda r: state_lib.create(lm.init(r), tx), jax.random.PRNGKey(0))
   target_mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),

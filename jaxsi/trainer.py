@@ -21,13 +21,16 @@ import tqdm
 
 from jaxsi import checkpoint as checkpoint_lib
 from jaxsi import config as config_lib
+from jaxsi import flops as flops_lib
 from jaxsi import mesh as mesh_lib
 from jaxsi import models
 from jaxsi import objectives
 from jaxsi import onpolicy
 from jaxsi import optim
 from jaxsi import partitioning
+from jaxsi import peak as peak_lib
 from jaxsi import pretrained
+from jaxsi import sm_batches
 from jaxsi import state as state_lib
 from jaxsi import step as step_lib
 from jaxsi.data import tasks
@@ -88,6 +91,9 @@ def setup(config, workdir: str) -> Run:
   mesh = mesh_lib.build_mesh(config.mesh)
   task = tasks.get_task(config.data)
   lm = models.build(config.model)
+  is_sm = config.objective.name == "sequencematch"
+  if is_sm:  # SequenceMatch acts with one more token, <bksp>: grow the model before init.
+    lm = sm_batches.with_backspace(lm, config.objective)
   if task.tokenizer.vocab_size > lm.vocab_size:
     raise config_lib.ConfigError(
         f"The tokenizer has {task.tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -114,9 +120,12 @@ def setup(config, workdir: str) -> Run:
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
       best_metric=config.checkpoint.best_metric or None, best_mode=config.checkpoint.best_mode,
       async_save=config.checkpoint.async_save)
-  decode = eval_loop.make_decoder(lm, max_new_tokens=config.eval.max_new_tokens,
-                                  eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id,
-                                  mesh=mesh)
+  decoder_kwargs = dict(max_new_tokens=config.eval.max_new_tokens, eos_id=task.tokenizer.eos_id,
+                        pad_id=task.tokenizer.pad_id, mesh=mesh)
+  if is_sm:  # A SequenceMatch model is scored on the text its backspaces leave.
+    decode = sm_batches.make_eval_decoder(lm, config.objective, **decoder_kwargs)
+  else:
+    decode = eval_loop.make_decoder(lm, **decoder_kwargs)
   eval_examples = task.eval_examples(config.eval.num_examples)
   if not eval_examples and (config.eval.at_end or config.train.eval_every):
     raise config_lib.ConfigError(
@@ -135,7 +144,9 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
     logging.info("Resumed from %s at step %d.", run.checkpointer.directory, step)
     return state, step
   if run.config.init_from:
-    _, params = pretrained.load(run.config.init_from, mesh=run.mesh)
+    loaded_lm, params = pretrained.load(run.config.init_from, mesh=run.mesh)
+    if run.config.objective.name == "sequencematch":
+      params = sm_batches.grow_loaded_params(run.lm, loaded_lm, params, run.config.objective)
     try:
       pretrained.check_compatible(run.abstract_state.params, params, run.config.init_from)
     except ValueError as e:
@@ -158,18 +169,32 @@ class ObjectiveParts:
     frozen_shardings: their shardings.
     prepare: None, or a host callable `(step, batch, params, frozen) -> (batch, metrics)` run
       before each step (GKD: replace responses by samples).
+    batch_ndims: None, or {key: ndim} of the batches `prepare` returns when its keys differ
+      from the task's (SequenceMatch).
+    host_state: None, or host state saved with each checkpoint and restored on resume: an
+      object with JSON-able `state_dict()` and `load_state_dict(state)` (SequenceMatch's
+      replay buffer).
   """
 
   loss_fn: Any
   frozen: dict
   frozen_shardings: dict
   prepare: Any = None
+  batch_ndims: Any = None
+  host_state: Any = None
 
 
 def build_objective(run: Run) -> ObjectiveParts:
   """The loss, frozen parameters and per-step batch preparation of `config.objective`."""
   config = run.config
   name = config.objective.name
+  if name == "sequencematch":
+    preparer = sm_batches.BatchPreparer(
+        run.lm, config.objective, run.task, run.mesh, config.train.batch_size, config.seed,
+        eval_max_new_tokens=config.eval.max_new_tokens)
+    return ObjectiveParts(objectives.make_loss_fn(config.objective, run.lm), {}, {},
+                          prepare=preparer, batch_ndims=sm_batches.BATCH_NDIMS,
+                          host_state=preparer)
   if name != "gkd":
     return ObjectiveParts(objectives.make_loss_fn(config.objective, run.lm), {}, {})
   source = config.teacher.source if "teacher" in config else ""
@@ -231,13 +256,19 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
 
   parts = build_objective(run)
   frozen = parts.frozen
+  if parts.host_state is not None and start_step > 0:
+    parts.host_state.load_state_dict(
+        run.checkpointer.read_json(start_step, "data").get("objective", {}))
   example_batch = run.task.train_batch(0, config.train.batch_size,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
   batch_shardings = {k: partitioning.batch_sharding(run.mesh, v.ndim)
                      for k, v in example_batch.items()}
   replicated = partitioning.replicated(run.mesh)
-  if parts.prepare is not None and gkd.uses_rewards(config.objective):
+  if parts.batch_ndims is not None:
+    batch_shardings = {k: partitioning.batch_sharding(run.mesh, n)
+                       for k, n in parts.batch_ndims.items()}
+  elif parts.prepare is not None and gkd.uses_rewards(config.objective):
     batch_shardings["reward"] = partitioning.batch_sharding(run.mesh, 1)
   train_step = jax.jit(
       step_lib.make_train_step(parts.loss_fn, run.tx),
@@ -256,10 +287,6 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
   if threading.current_thread() is threading.main_thread():
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
 
-  def save(step: int, metrics: dict, force: bool = False) -> None:
-    run.checkpointer.save(step, state, config=config.to_dict(), metrics=metrics,
-                          data={"step": step, "task": config.data.name}, force=force)
-
   progress = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                        disable=not (is_main and config.train.progress), dynamic_ncols=True)
   schedule = optim.build_schedule(config.optim)
@@ -268,7 +295,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
   # device; `pending` holds (step number after the update, device metrics).
   pending: tuple[int, Any] | None = None
   # throughput window, excluding eval and checkpoints
-  window = {"tokens": 0, "seconds": 0.0, "sample_seconds": 0.0}
+  window = {"tokens": 0, "seconds": 0.0, "sample_seconds": 0.0, "flops": 0.0}
+  # Measured once per process, before the loop keeps the devices busy (None: MFU is off).
+  peak_flops = peak_lib.run_peak_flops(run.lm.config.get("dtype", "float32"))
 
   def fetch(pending) -> dict[str, float]:
     step, device_metrics = pending
@@ -287,19 +316,27 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
     if step % config.train.log_every and step != total_steps:
       return
     host["train/tokens_per_s"] = window["tokens"] / max(window["seconds"], 1e-9)
+    host["train/model_flops_per_s"] = window["flops"] / max(window["seconds"], 1e-9)
+    if peak_flops:
+      host["train/mfu"] = host["train/model_flops_per_s"] / peak_flops
     if "train/sample_seconds" in host:
       host["train/sampling_time_share"] = window["sample_seconds"] / max(window["seconds"], 1e-9)
     host["train/lr"] = float(schedule(step - 1))
-    window.update(tokens=0, seconds=0.0, sample_seconds=0.0)
+    window.update(tokens=0, seconds=0.0, sample_seconds=0.0, flops=0.0)
     last_metrics.update(host)
     if writer:
       writer.write(step, host)
-    progress.set_postfix(loss=f"{host['train/loss']:.4f}",
-                         tok_s=f"{host['train/tokens_per_s']:.0f}", refresh=False)
+    postfix = dict(loss=f"{host['train/loss']:.4f}", tok_s=f"{host['train/tokens_per_s']:.0f}")
+    if "train/mfu" in host:
+      postfix["mfu"] = f"{host['train/mfu']:.1%}"
+    progress.set_postfix(postfix, refresh=False)
 
   def save(step: int, force: bool = False) -> None:
+    data = {"step": step, "task": config.data.name}
+    if parts.host_state is not None:
+      data["objective"] = parts.host_state.state_dict()
     run.checkpointer.save(step, state, config=config.to_dict(), metrics=last_metrics,
-                          data={"step": step, "task": config.data.name}, force=force)
+                          data=data, force=force)
 
   try:
     for step in range(start_step, total_steps):
@@ -320,6 +357,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
         log(pending)
       pending = (step + 1, device_metrics)
       window["tokens"] += _count_tokens(host_batch) * jax.process_count()
+      window["flops"] += flops_lib.batch_train_step_flops(run.lm.config, batch)
       window["seconds"] += time.perf_counter() - tick
       window["sample_seconds"] += host_extra.get("sample_seconds", 0.0)
       progress.update(1)

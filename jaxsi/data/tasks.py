@@ -143,6 +143,7 @@ _TASK_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {}
 # tensorflow-datasets costs every run that never reads a TFDS task.
 _LAZY_TASK_MODULES = {
     "sharpened": "jaxsi.data.sharpened",
+    "text_continuation": "jaxsi.data.text_files",
     "xsum": "jaxsi.data.tfds_tasks",
     "wmt14_translate/de-en": "jaxsi.data.tfds_tasks",
     "gsm8k": "jaxsi.data.tfds_tasks",

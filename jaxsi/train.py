@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
       else:
         metrics = trainer.train(config, args.workdir)
       if jax.process_index() == 0 and metrics:
-        shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("eval/", "train/loss"))}
+        # best-of-N evals add ~100 eval/bon... keys; the pipeline prints their summary itself
+        shown = {k: v for k, v in sorted(metrics.items())
+                 if k.startswith(("eval/", "train/loss")) and not k.startswith("eval/bon")}
         print("done: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
   except (config_lib.ConfigError, trainer.TrainingError, FileNotFoundError, ValueError) as e:
     # Bad input ends in one sentence; --log_level=DEBUG shows where it was raised.

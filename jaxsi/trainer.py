@@ -35,6 +35,7 @@ from jaxsi import state as state_lib
 from jaxsi import step as step_lib
 from jaxsi.data import tasks
 from jaxsi.objectives import gkd
+from jaxsi.objectives import sharpening
 from jaxsi.evals import loop as eval_loop
 from jaxsi.metrics_writer import MetricsWriter
 
@@ -184,6 +185,28 @@ class ObjectiveParts:
   host_state: Any = None
 
 
+def _sharpening_parts(run: Run) -> ObjectiveParts:
+  """Online SFT-Sharpening, RLHF- and XPO-Sharpening: a frozen base samples every batch."""
+  config = run.config
+  source = config.base.source if "base" in config else ""
+  source = source or config.init_from
+  if not source:
+    raise config_lib.ConfigError(
+        "objective sharpening needs a frozen base model: set --config.base.source (or "
+        "--config.init_from) to a jaxsi workdir or a Hugging Face checkpoint.")
+  base_lm, base_params = pretrained.load(source, mesh=run.mesh)
+  eos, pad = run.task.tokenizer.eos_id, run.task.tokenizer.pad_id
+  loss_fn = objectives.make_loss_fn(config.objective, run.lm, base_lm=base_lm, eos_id=eos)
+  prepare = sharpening.make_preparer(
+      run.lm, config.objective, base_lm=base_lm, eos_id=eos, pad_id=pad,
+      response_width=run.task.max_response_len, seed=config.seed, mesh=run.mesh)
+  ndims = {"prompt": 2, "prompt_mask": 2, "response": 2, "response_mask": 2,
+           **sharpening.extra_batch_keys(config.objective)}
+  shardings = partitioning.shardings_for(base_lm.param_axes(), base_lm.abstract_params(), run.mesh)
+  return ObjectiveParts(loss_fn, {"base": base_params}, {"base": shardings}, prepare=prepare,
+                        batch_ndims=ndims)
+
+
 def build_objective(run: Run) -> ObjectiveParts:
   """The loss, frozen parameters and per-step batch preparation of `config.objective`."""
   config = run.config
@@ -195,6 +218,8 @@ def build_objective(run: Run) -> ObjectiveParts:
     return ObjectiveParts(objectives.make_loss_fn(config.objective, run.lm), {}, {},
                           prepare=preparer, batch_ndims=sm_batches.BATCH_NDIMS,
                           host_state=preparer)
+  if name == "sharpening" and sharpening.needs_preparer(config.objective):
+    return _sharpening_parts(run)
   if name != "gkd":
     return ObjectiveParts(objectives.make_loss_fn(config.objective, run.lm), {}, {})
   source = config.teacher.source if "teacher" in config else ""

@@ -1,13 +1,15 @@
 """Sampling speed: jaxsi's jitted KV-cache sampler vs Hugging Face `generate` on the same weights.
 
   python benchmarks/sampling.py [--batch=16] [--prompt_len=32] [--new_tokens=32] [--repeats=5]
-                                [--torch_threads=0]
+                                [--torch_threads=2]
 
 Prints ONE JSON line. Both sides run a GPT-2-style model (vocab 512, 4 layers, width 256,
 4 heads) with identical weights (jaxsi parameters exported with `jaxsi.models.to_pretrained`),
 ancestral sampling at temperature 1 with top-k and top-p off, and exactly `new_tokens` tokens per
 row (EOS can never stop either side early). Times are medians over `repeats` runs after a warm-up
-call; jaxsi's compile time is reported separately.
+call; jaxsi's compile time is reported separately. The HF side runs with a fixed number of torch
+intra-op threads (`torch_threads`, default 2 = the cores of the machine these numbers come from),
+not torch's machine-dependent default, so runs on different machines stay comparable.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from jaxsi.models import build, decoder, to_pretrained  # noqa: E402
 
 CONFIG = dict(vocab_size=512, num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64,
               d_ff=1024, max_len=128)
+# Explicit rather than torch's default (which follows the machine), so numbers are reproducible;
+# 2 is the core count of the machine the recorded numbers come from.
+DEFAULT_TORCH_THREADS = 2
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -66,8 +71,7 @@ def bench_hf(lm, params, prompt, args) -> dict:
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError:
     return dict(hf_tokens_per_s=None, hf_s=None)
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
+  torch.set_num_threads(args.torch_threads)
   transformers.logging.set_verbosity_error()  # keep the output to the one JSON line
   transformers.logging.disable_progress_bar()
   torch.manual_seed(0)
@@ -99,9 +103,11 @@ def main() -> None:
   parser.add_argument("--prompt_len", type=int, default=32)
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--torch_threads", type=int, default=0,
-                      help="torch intra-op threads for the HF side (0: torch's default)")
+  parser.add_argument("--torch_threads", type=int, default=DEFAULT_TORCH_THREADS,
+                      help="torch intra-op threads for the HF side")
   args = parser.parse_args()
+  if args.torch_threads < 1:
+    parser.error(f"--torch_threads={args.torch_threads} must be a positive integer.")
 
   config = decoder.default_config("gpt2")
   config.update(CONFIG)
@@ -115,7 +121,7 @@ def main() -> None:
                 prompt_len=args.prompt_len, new_tokens=args.new_tokens, temperature=1.0, top_k=0,
                 top_p=1.0, repeats=args.repeats, device=str(jax.devices()[0].device_kind),
                 platform=jax.default_backend(), num_devices=jax.device_count(),
-                cpu_count=os.cpu_count(),
+                cpu_count=os.cpu_count(), torch_threads=args.torch_threads,
                 # Other processes on the machine skew both sides (torch's thread pool suffers most).
                 load_avg_1m=os.getloadavg()[0])
   result.update(bench_jaxsi(lm, params, prompt, prompt_mask, args))

@@ -15,12 +15,13 @@ response slot covers every real prompt token and the response slots its
 
 The KV cache used by `prefill` / `decode_step` is a dict:
 
-  {"kv": {"layer_i": {"key", "value"}: [B, S + max_new_tokens, K, D]},
+  {"kv": {"layer_i": {"key", "value"}: [B, K, S + max_new_tokens, D]},
    "prompt_mask": [B, S] bool, "prompt_length": [B] int32}
 
 Every leaf has the batch as its leading dimension, so a sampler may repeat a
-prompt's cache along it. Slots [0, S) hold the prompt, slot S + j holds
-response slot j.
+prompt's cache along it. Keys and values are head-major (heads before slots),
+so attention reads them without transposing the cache every step. Slots
+[0, S) hold the prompt, slot S + j holds response slot j.
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ class DecoderLM(LanguageModel):
     positions_BxS, prompt_length_B = _prompt_positions(prompt_mask_BxS)
     mask_BxSxN = jnp.concatenate(
         [_prompt_self_mask(prompt_mask_BxS), jnp.zeros((b, s, max_new_tokens), bool)], axis=2)
-    empty = jnp.zeros((b, s + max_new_tokens, cfg.num_kv_heads, cfg.head_dim), self.dtype)
+    empty = jnp.zeros((b, cfg.num_kv_heads, s + max_new_tokens, cfg.head_dim), self.dtype)
     kv = {f"layer_{i}": {"key": empty, "value": empty} for i in range(cfg.num_layers)}
     logits_Bx1xV, kv = self.module.apply({"params": params}, prompt, positions_BxS, mask_BxSxN,
                                          cache=kv, cache_index=0, num_outputs=1)
@@ -342,7 +343,7 @@ class DecoderLM(LanguageModel):
     """
     prompt_mask_BxS = cache["prompt_mask"]
     b, s = prompt_mask_BxS.shape
-    max_new_tokens = next(iter(cache["kv"].values()))["key"].shape[1] - s
+    max_new_tokens = next(iter(cache["kv"].values()))["key"].shape[2] - s
     if token.shape != (b,) or position.shape != (b,) or visible.shape != (b, max_new_tokens):
       raise ValueError(f"decode_step got token {token.shape}, position {position.shape}, "
                        f"visible {visible.shape}; expected {(b,)}, {(b,)}, "

@@ -32,6 +32,8 @@ DEFAULT_EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads",
                          "activation_kv")
+BATCH_HEADS_LENGTH_KV = ("activation_batch", "activation_heads", "activation_length",
+                         "activation_kv")
 BATCH_LENGTH_MLP = ("activation_batch", "activation_length", "activation_mlp")
 BATCH_LENGTH_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
 
@@ -217,13 +219,9 @@ def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> 
 def dot_product_attention(q_BxLxHxD: jax.Array, k_BxMxKxD: jax.Array, v_BxMxKxD: jax.Array,
                           mask_BxLxM: jax.Array, *, bias_BxHxLxM: jax.Array | None = None,
                           scale: float | None = None) -> jax.Array:
-  """Scaled dot-product attention with grouped-query heads.
+  """Scaled dot-product attention with grouped-query heads; keys and values [B, M, K, D].
 
-  Query head h reads key/value head h // (H // K), exactly as if each key/value
-  head were repeated H // K times; the grouped einsum avoids materializing the
-  repeat. Scores and softmax are float32; masked scores are replaced by a large
-  finite negative, so a fully masked row yields a uniform (finite) average
-  rather than NaN.
+  `head_major_attention` with keys and values given as [B, M, K, D]; see there.
 
   Args:
     q_BxLxHxD: queries [B, L, H, D].
@@ -236,21 +234,51 @@ def dot_product_attention(q_BxLxHxD: jax.Array, k_BxMxKxD: jax.Array, v_BxMxKxD:
   Returns:
     Attention output [B, L, H, D] in the queries' dtype.
   """
+  return head_major_attention(q_BxLxHxD, jnp.swapaxes(k_BxMxKxD, 1, 2),
+                              jnp.swapaxes(v_BxMxKxD, 1, 2), mask_BxLxM,
+                              bias_BxHxLxM=bias_BxHxLxM, scale=scale)
+
+
+def head_major_attention(q_BxLxHxD: jax.Array, k_BxKxMxD: jax.Array, v_BxKxMxD: jax.Array,
+                         mask_BxLxM: jax.Array, *, bias_BxHxLxM: jax.Array | None = None,
+                         scale: float | None = None) -> jax.Array:
+  """Scaled dot-product attention with grouped-query heads over head-major keys and values.
+
+  Keys and values are [B, K, M, D] (the KV cache layout): both score and mixing
+  contractions then read each (batch, head) block as one contiguous [M, D]
+  matrix, so XLA never transposes the (possibly long) cache, as it must for
+  [B, M, K, D]. Query head h reads key/value head h // (H // K), exactly as if
+  each key/value head were repeated H // K times; the grouped einsum avoids
+  materializing the repeat. Scores and softmax are float32; masked scores are
+  replaced by a large finite negative, so a fully masked row yields a uniform
+  (finite) average rather than NaN.
+
+  Args:
+    q_BxLxHxD: queries [B, L, H, D].
+    k_BxKxMxD: keys [B, K, M, D], K divides H.
+    v_BxKxMxD: values [B, K, M, D].
+    mask_BxLxM: bool [B, L, M], True where a query may attend to a key.
+    bias_BxHxLxM: optional additive score bias broadcastable to [B, H, L, M].
+    scale: score multiplier (default 1 / sqrt(D); T5 uses 1.0).
+
+  Returns:
+    Attention output [B, L, H, D] in the queries' dtype.
+  """
   b, l, h, d = q_BxLxHxD.shape
-  k = k_BxMxKxD.shape[2]
+  k = k_BxKxMxD.shape[1]
   if h % k:
     raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={k}.")
   scale = 1.0 / np.sqrt(d) if scale is None else scale
   q_BxLxKxGxD = q_BxLxHxD.reshape(b, l, k, h // k, d)
-  scores_BxKxGxLxM = jnp.einsum("blkgd,bmkd->bkglm", q_BxLxKxGxD, k_BxMxKxD,
+  scores_BxKxGxLxM = jnp.einsum("blkgd,bkmd->bkglm", q_BxLxKxGxD, k_BxKxMxD,
                                 preferred_element_type=jnp.float32) * scale
   scores_BxHxLxM = scores_BxKxGxLxM.reshape(b, h, l, -1)
   if bias_BxHxLxM is not None:
     scores_BxHxLxM = scores_BxHxLxM + bias_BxHxLxM.astype(jnp.float32)
   scores_BxHxLxM = jnp.where(mask_BxLxM[:, None, :, :], scores_BxHxLxM, MASKED_SCORE)
-  probs_BxHxLxM = jax.nn.softmax(scores_BxHxLxM, axis=-1).astype(v_BxMxKxD.dtype)
+  probs_BxHxLxM = jax.nn.softmax(scores_BxHxLxM, axis=-1).astype(v_BxKxMxD.dtype)
   probs_BxKxGxLxM = probs_BxHxLxM.reshape(b, k, h // k, l, -1)
-  out_BxLxKxGxD = jnp.einsum("bkglm,bmkd->blkgd", probs_BxKxGxLxM, v_BxMxKxD)
+  out_BxLxKxGxD = jnp.einsum("bkglm,bkmd->blkgd", probs_BxKxGxLxM, v_BxKxMxD)
   return out_BxLxKxGxD.reshape(b, l, h, d)
 
 
@@ -296,8 +324,9 @@ class Attention(nn.Module):
       mask_BxLxN: bool [B, L, N]; N = M without a cache, else the cache length.
       positions_q_BxL: query positions (needed with `rope_theta`).
       positions_kv_BxM: key positions (needed with `rope_theta`).
-      cache: optional {"key", "value"}: [B, N, K, D] each; the new keys/values are
-        written at `cache_index` along N before attending over all N slots.
+      cache: optional {"key", "value"}: [B, K, N, D] each (head-major, see
+        `head_major_attention`); the new keys/values are written at `cache_index`
+        along N before attending over all N slots.
       cache_index: where the M new keys go in the cache.
       bias_BxHxLxN: optional additive score bias.
 
@@ -317,19 +346,20 @@ class Attention(nn.Module):
       q = apply_rope(q, positions_q_BxL, self.rope_theta)
       k = apply_rope(k, positions_kv_BxM, self.rope_theta)
     q = constrain(q, BATCH_LENGTH_HEADS_KV)
-    k = constrain(k, BATCH_LENGTH_HEADS_KV)
-    v = constrain(v, BATCH_LENGTH_HEADS_KV)
+    # Head-major keys/values: only the M new rows are transposed here, never the cache.
+    k = constrain(jnp.swapaxes(k, 1, 2), BATCH_HEADS_LENGTH_KV)
+    v = constrain(jnp.swapaxes(v, 1, 2), BATCH_HEADS_LENGTH_KV)
 
     new_cache = None
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype),
-                                              cache_index, axis=1)
+                                              cache_index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
-                                              cache_index, axis=1)
+                                              cache_index, axis=2)
       new_cache = {"key": k, "value": v}
 
-    out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask_BxLxN,
-                                bias_BxHxLxM=bias_BxHxLxN, scale=self.scale)
+    out = head_major_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask_BxLxN,
+                               bias_BxHxLxM=bias_BxHxLxN, scale=self.scale)
     out = constrain(out, BATCH_LENGTH_HEADS_KV)
     out = DenseGeneral(x_q_BxLxE.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1),
                        use_bias=self.out_bias, dtype=self.dtype, kernel_init=self.kernel_init,

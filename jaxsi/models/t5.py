@@ -257,27 +257,46 @@ class Attention(nn.Module):
     self.dropout = nn.Dropout(d.dropout_rate)
 
   def keys_values(self, x_BxKxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Projects the attended-to states: (keys, values), each [B, K, H, Dh] in `dtype`."""
+    """Projects the attended-to states: (keys, values), each [B, H, K, Dh] in `dtype`.
+
+    Head-major, like the KV cache: attention then contracts each (batch, head) block as one
+    contiguous [K, Dh] matrix instead of transposing the whole cache on every decode step.
+    """
     dtype = self.dims.dtype
     x = x_BxKxD.astype(dtype)
-    return (jnp.einsum("bkd,dhe->bkhe", x, self.key.astype(dtype)),
-            jnp.einsum("bkd,dhe->bkhe", x, self.value.astype(dtype)))
+    return _project_heads(x, self.key.astype(dtype)), _project_heads(x, self.value.astype(dtype))
 
-  def __call__(self, x_BxQxD: jax.Array, keys_BxKxHxE: jax.Array, values_BxKxHxE: jax.Array,
+  def __call__(self, x_BxQxD: jax.Array, keys_BxHxKxE: jax.Array, values_BxHxKxE: jax.Array,
                bias_BxHxQxK: jax.Array | None, visible_BxQxK: jax.Array,
                deterministic: bool) -> jax.Array:
-    """Attends from `x` to the given keys and values; returns [B, Q, D] in `dtype`."""
+    """Attends from `x` to head-major keys and values [B, H, K, Dh]; returns [B, Q, D]."""
     dtype = self.dims.dtype
+    batch, length, _ = x_BxQxD.shape
     query_BxQxHxE = jnp.einsum("bqd,dhe->bqhe", x_BxQxD.astype(dtype), self.query.astype(dtype))
-    scores_BxHxQxK = jnp.einsum("bqhe,bkhe->bhqk", query_BxQxHxE, keys_BxKxHxE.astype(dtype),
+    scores_BxHxQxK = jnp.einsum("bqhe,bhke->bhqk", query_BxQxHxE, keys_BxHxKxE.astype(dtype),
                                 preferred_element_type=jnp.float32)
     if bias_BxHxQxK is not None:
       scores_BxHxQxK = scores_BxHxQxK + bias_BxHxQxK
     scores_BxHxQxK = jnp.where(visible_BxQxK[:, None, :, :], scores_BxHxQxK, layers.MASKED_SCORE)
     probs_BxHxQxK = jax.nn.softmax(scores_BxHxQxK, axis=-1)
     probs_BxHxQxK = self.dropout(probs_BxHxQxK, deterministic=deterministic).astype(dtype)
-    mixed_BxQxHxE = jnp.einsum("bhqk,bkhe->bqhe", probs_BxHxQxK, values_BxKxHxE.astype(dtype))
-    return jnp.einsum("bqhe,hed->bqd", mixed_BxQxHxE, self.out.astype(dtype))
+    mixed_BxQxHxE = jnp.einsum("bhqk,bhke->bqhe", probs_BxHxQxK, values_BxHxKxE.astype(dtype))
+    # Flattening (heads, head_dim) pins the activations row-major, so XLA does not transpose
+    # the output kernel instead (it did, on every decode step).
+    out_FxD = self.out.astype(dtype).reshape(-1, self.dims.d_model)
+    return jnp.einsum("bqf,fd->bqd", mixed_BxQxHxE.reshape(batch, length, -1), out_FxD)
+
+
+def _project_heads(x_BxKxD: jax.Array, kernel_DxHxE: jax.Array) -> jax.Array:
+  """`x @ kernel` split into head-major [B, H, K, Dh].
+
+  Projects with the kernel flattened to [D, H * Dh] and moves the heads forward afterwards: the
+  transpose then touches the activations (free for one decode position), never the kernel.
+  """
+  batch, length, _ = x_BxKxD.shape
+  _, heads, head_dim = kernel_DxHxE.shape
+  y_BxKxF = jnp.einsum("bkd,df->bkf", x_BxKxD, kernel_DxHxE.reshape(kernel_DxHxE.shape[0], -1))
+  return jnp.swapaxes(y_BxKxF.reshape(batch, length, heads, head_dim), 1, 2)
 
 
 class Mlp(nn.Module):
@@ -339,7 +358,7 @@ class DecoderLayer(nn.Module):
     self.dropout = nn.Dropout(self.dims.dropout_rate)
 
   def cross_keys_values(self, encoded_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-attention keys and values of the encoder output, each [B, S, H, Dh]."""
+    """Cross-attention keys and values of the encoder output, each [B, H, S, Dh]."""
     return self.cross_attention.keys_values(encoded_BxSxD)
 
   def __call__(self, y_BxQxD, bias_BxHxQxK, self_visible_BxQxK, cross_kv, cross_visible_BxQxS,
@@ -350,24 +369,24 @@ class DecoderLayer(nn.Module):
       y_BxQxD: the decoder states of the Q new slots.
       bias_BxHxQxK: relative position bias over the K self-attention keys.
       self_visible_BxQxK: which keys each new slot attends to.
-      cross_kv: (keys, values) of the encoder output, each [B, S, H, Dh].
+      cross_kv: (keys, values) of the encoder output, each [B, H, S, Dh].
       cross_visible_BxQxS: real prompt tokens.
       deterministic: no dropout when True.
       self_kv_cache: None (the keys are the Q new slots themselves, K = Q) or (keys, values),
-        each [B, K, H, Dh]: the new slots' keys and values are written at `write_index`.
+        each [B, H, K, Dh]: the new slots' keys and values are written at `write_index`.
       write_index: [] int32 index of the first new slot in the cache.
 
     Returns:
-      (new states [B, Q, D], self-attention (keys, values) [B, K, H, Dh] including the new slots).
+      (new states [B, Q, D], self-attention (keys, values) [B, H, K, Dh] including the new slots).
     """
     h = self.pre_self_attention_norm(y_BxQxD)
     keys, values = self.self_attention.keys_values(h)
     if self_kv_cache is not None:
       cache_keys, cache_values = self_kv_cache
       keys = jax.lax.dynamic_update_slice_in_dim(cache_keys, keys.astype(cache_keys.dtype),
-                                                 write_index, axis=1)
+                                                 write_index, axis=2)
       values = jax.lax.dynamic_update_slice_in_dim(cache_values, values.astype(cache_values.dtype),
-                                                   write_index, axis=1)
+                                                   write_index, axis=2)
     h = self.self_attention(h, keys, values, bias_BxHxQxK, self_visible_BxQxK, deterministic)
     y_BxQxD = y_BxQxD + self.dropout(h, deterministic=deterministic)
     h = self.pre_cross_attention_norm(y_BxQxD)
@@ -411,7 +430,7 @@ class Decoder(nn.Module):
     self.dropout = nn.Dropout(self.dims.dropout_rate)
 
   def cross_keys_values(self, encoded_BxSxD):
-    """Per layer (keys, values) of the encoder output, each [B, S, H, Dh]."""
+    """Per layer (keys, values) of the encoder output, each [B, H, S, Dh]."""
     return tuple(layer.cross_keys_values(encoded_BxSxD) for layer in self.layers)
 
   def __call__(self, y_BxQxD, query_pos_BxQ, key_pos_BxK, self_visible_BxQxK, cross_kvs,
@@ -510,9 +529,9 @@ class T5LM(lm_lib.LanguageModel):
   """T5 as a `LanguageModel`: prompt -> encoder, shifted response -> decoder.
 
   The cache from `prefill` is a dict whose every leaf has the batch as its leading dimension:
-    "self_keys", "self_values": per decoder layer [B, 1 + N, H, Dh]; index 0 is the start token,
+    "self_keys", "self_values": per decoder layer [B, H, 1 + N, Dh]; index 0 is the start token,
       index 1 + j response slot j (N = max_new_tokens).
-    "cross_keys", "cross_values": per decoder layer [B, S, H, Dh], from the encoder run once.
+    "cross_keys", "cross_values": per decoder layer [B, H, S, Dh], from the encoder run once.
     "positions": [B, 1 + N] int32 decoder positions (start token 0, slot j its position + 1).
     "prompt_mask": [B, S] bool.
   """
@@ -598,7 +617,7 @@ class T5LM(lm_lib.LanguageModel):
     encoded = self.module.apply(variables, prompt.astype(jnp.int32), prompt_mask, True,
                                 method=T5Transformer.encode)
     cross_kvs = self.module.apply(variables, encoded, method=T5Transformer.cross_keys_values)
-    empty = jnp.zeros((batch_size, 1 + max_new_tokens, d.num_heads, d.head_dim), d.dtype)
+    empty = jnp.zeros((batch_size, d.num_heads, 1 + max_new_tokens, d.head_dim), d.dtype)
     empty_kvs = tuple((empty, empty) for _ in range(d.num_decoder_layers))
     positions_BxK = jnp.zeros((batch_size, 1 + max_new_tokens), jnp.int32)
     visible_Bx1xK = jnp.zeros((batch_size, 1, 1 + max_new_tokens), bool).at[:, :, 0].set(True)

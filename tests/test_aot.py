@@ -105,3 +105,19 @@ def test_command_line_fakes_the_devices_and_prints_one_json_line():
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def test_gkd_step_counts_the_frozen_teacher():
+  config = config_lib.load(os.path.join(ROOT, "configs/arithmetic_gkd.py:tiny"))
+  result = aot.plan(config, 8, MESH, hbm_gib=16)
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(MESH), partitioning.MESH_AXES,
+              axis_types=(AxisType.Auto,) * 3)
+  teacher = models.build(config.teacher.model)
+  abstract = teacher.abstract_params()
+  shardings = partitioning.shardings_for(teacher.param_axes(), abstract, mesh)
+  teacher_shard_bytes = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                            for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+  assert result["teacher_param_bytes"] == sum(a.size * 4 for a in jax.tree.leaves(abstract))
+  # Arguments hold this device's student state and teacher shards (plus the small batch).
+  assert result["argument_bytes"] >= result["state_bytes_per_device"] + teacher_shard_bytes
+  assert result["alias_bytes"] == result["state_bytes_per_device"]  # only the state is donated

@@ -41,8 +41,9 @@ from jaxsi import step as step_lib
 USAGE = ("python -m jaxsi.tools.aot --config=configs/NAME.py[:variant] [--config.KEY=VALUE ...] "
          "--devices=N [--mesh=DATA,FSDP,TENSOR] [--platform=cpu] [--hbm_gib=16] [--json]")
 PLATFORMS = ("cpu", "gpu", "tpu")
-# Objectives whose step needs no frozen model: the ones this tool can compile on its own.
-SUPPORTED_OBJECTIVES = ("sft",)
+# Objectives this tool compiles: SFT, and GKD with the teacher built from `teacher.model`
+# (abstract parameters, sharded like the trainer shards them).
+SUPPORTED_OBJECTIVES = ("sft", "gkd")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -155,11 +156,26 @@ def plan(config: ml_collections.ConfigDict, num_devices: int,
   batch = batch_structs(config, mesh)
   rng = jax.ShapeDtypeStruct(init_rng.shape, init_rng.dtype, sharding=replicated)
   frozen: dict = {}
-
-  loss_fn = objectives.make_loss_fn(config.objective, lm)
+  frozen_shardings: dict = {}
+  teacher_bytes = 0
+  if objective == "gkd":
+    # The on-policy step's memory: student state + frozen teacher + both forwards. Sampling
+    # runs as its own program before the step (student params + a KV cache).
+    teacher_lm = models.build(config.teacher.model)
+    teacher_abstract = teacher_lm.abstract_params()
+    frozen_shardings = {"teacher": partitioning.shardings_for(teacher_lm.param_axes(),
+                                                              teacher_abstract, mesh)}
+    frozen = {"teacher": jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        teacher_abstract, frozen_shardings["teacher"])}
+    teacher_bytes = _tree_bytes(teacher_abstract)
+    loss_fn = objectives.make_loss_fn(config.objective, lm, teacher_lm=teacher_lm, eos_id=1)
+  else:
+    loss_fn = objectives.make_loss_fn(config.objective, lm)
   train_step = jax.jit(
       step_lib.make_train_step(loss_fn, tx),
-      in_shardings=(state_shardings, {}, {k: v.sharding for k, v in batch.items()}, replicated),
+      in_shardings=(state_shardings, frozen_shardings,
+                    {k: v.sharding for k, v in batch.items()}, replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
   start = time.perf_counter()
@@ -188,6 +204,7 @@ def plan(config: ml_collections.ConfigDict, num_devices: int,
       "param_count": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
       "param_bytes": _tree_bytes(abstract_state.params),
       "opt_state_bytes": _tree_bytes(abstract_state.opt_state),
+      "teacher_param_bytes": teacher_bytes,
       "state_bytes_per_device": shard_bytes(state_structs),
       "batch_bytes_per_device": shard_bytes(batch),
       **figures,

@@ -57,7 +57,8 @@ def test_default_configs_carry_the_paper_lengths_and_keep_arithmetic_the_default
   assert "num_shots" not in xsum
   assert set(TFDS_TASKS) <= set(tasks.task_names())
   with pytest.raises(ValueError, match=r"Unknown task 'cnn' for default_data_config; known "
-                     r"tasks are: arithmetic, gsm8k, wmt14_translate/de-en, xsum\."):
+                     r"tasks are: arithmetic, gsm8k, sharpened, text_continuation, "
+                     r"wmt14_translate/de-en, xsum\."):
     tasks.default_data_config("cnn")
 
 

@@ -48,70 +48,17 @@ import os
 
 import ml_collections
 
-from jaxsi import config as config_lib
-from jaxsi.objectives import gkd
+from jaxsi import gkd_config
 
-VARIANTS = ("t5_small", "t5_base", "t5_large", "tiny")
+VARIANTS = gkd_config.T5_VARIANTS
 _TEACHER = "google/t5-v1_1-xl"
 _STUDENTS = {"t5_small": "google/t5-v1_1-small", "t5_base": "google/t5-v1_1-base",
              "t5_large": "google/t5-v1_1-large"}
-
-
-def _sft_config(variant: str) -> ml_collections.ConfigDict:
-  """The matching xsum_sft.py run: the model, data, optimizer and eval the GKD run shares."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xsum_sft.py")
-  return config_lib.load_config_file(f"{path}:{variant}")
+_SFT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xsum_sft.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "t5_small"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of xsum_gkd.py; choose from "
-                     f"{', '.join(VARIANTS)}.")
-  tiny = variant == "tiny"
-  config = _sft_config(variant)
-
-  config.teacher = ml_collections.ConfigDict()
-  config.teacher.source = "" if tiny else _TEACHER
-  # Read only when the pipeline trains the teacher (teacher.source empty).
-  config.teacher.model = _sft_config("tiny" if tiny else "t5_xl").model
-  config.init_from = "" if tiny else _STUDENTS[variant]
-  config.pipeline = ml_collections.ConfigDict({
-      "teacher_steps": 0,
-      "student_sft_steps": 0,
-      "sft_lr": 3e-4,
-      # With teacher.source="" and teacher_steps > 0, the teacher's SFT starts from this
-      # checkpoint (e.g. the hub T5-XL); likewise student_init_from for the student's SFT.
-      "teacher_init_from": "",
-      "student_init_from": "",
-  })
-
-  config.objective = gkd.default_objective_config()
-  config.objective.divergence = "jsd"
-  config.objective.beta = 0.9
-  config.objective.lam = 1.0
-
-  config.train.steps = 40_000          # optim.total_steps follows (a shared reference)
-  config.train.batch_size = 32
-  config.optim.name = "adafactor"
-  config.optim.lr = 3e-4
-  config.optim.schedule = "constant"
-  config.optim.warmup_steps = 2_000
-  config.eval.temperatures = (0.0, 1.0)
-  config.checkpoint.best_metric = "eval/rouge2"
-  config.checkpoint.best_mode = "max"
-
-  if tiny:
-    # The teacher is xsum_sft.py:tiny's model; the student is smaller still.
-    config.model.update(d_model=32, num_layers=1, num_decoder_layers=1, num_heads=2,
-                        head_dim=16, d_ff=64)
-    config.pipeline.update(teacher_steps=4, student_sft_steps=4, sft_lr=1e-3)
-    config.train.steps = 4
-    config.train.batch_size = 8
-    config.train.log_every = 2
-    config.train.eval_every = 0
-    config.train.checkpoint_every = 2
-    config.optim.warmup_steps = 1
-    config.eval.num_examples = 8
-    config.eval.batch_size = 8
-  return config
+  return gkd_config.t5_distillation(
+      _SFT_FILE, arg, teacher_id=_TEACHER, student_ids=_STUDENTS,
+      divergence="jsd", beta=0.9, steps=40_000, warmup_steps=2_000,
+      temperatures=(0.0, 1.0), best_metric="eval/rouge2")

@@ -43,8 +43,9 @@ def t5_distillation(sft_file: str, variant: str | None, *, teacher_id: str,
   """
   variant = variant or "t5_small"
   if variant not in T5_VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of {os.path.basename(sft_file).replace('_sft', '_gkd')}; "
-                     f"choose from {', '.join(T5_VARIANTS)}.")
+    name = os.path.basename(sft_file).replace("_sft", "_gkd")
+    raise ValueError(f"Unknown variant {variant!r} of {name}; choose from "
+                     f"{', '.join(T5_VARIANTS)}.")
   tiny = variant == "tiny"
   config = _sft_config(sft_file, variant)
 

@@ -74,3 +74,45 @@ def build_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+_SYNC_COUNTS: dict[str, int] = {}
+
+
+def sync_processes(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process of the run reaches this point; a no-op for one process.
+
+  Gloo gives up on a cross-process collective whose peers arrive more than 30 s apart (not
+  configurable), which happens when one host is still importing, building or compiling. The
+  coordination service's barrier waits up to `timeout_s`, so callers place one just before a
+  first collective.
+  """
+  if jax.process_count() == 1:
+    return
+  count = _SYNC_COUNTS.get(name, 0)
+  _SYNC_COUNTS[name] = count + 1
+  from jax._src import distributed  # the client of jax.distributed.initialize
+  distributed.global_state.client.wait_at_barrier(f"jaxsi/{name}/{count}", timeout_s * 1000)
+
+
+def compile_together(jitted, name: str):
+  """Wraps a jitted function: its first call for new argument shapes compiles, then waits for
+  every process (`sync_processes`), then runs, so its collectives start together.
+
+  Single-process runs call `jitted` directly.
+  """
+  seen: set = set()
+
+  def call(*args):
+    if jax.process_count() > 1:
+      leaves, tree = jax.tree.flatten(args)
+      key = (str(tree), tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))))
+                              for x in leaves))
+      if key not in seen:
+        jitted.lower(*args).compile()  # fills the cache the call below uses
+        sync_processes(name)
+        seen.add(key)
+    return jitted(*args)
+
+  call.jitted = jitted
+  return call

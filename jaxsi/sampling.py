@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxsi import mesh as mesh_lib
 from jaxsi import partitioning
 from jaxsi.models.lm import LanguageModel, Params
 from jaxsi.objectives import sequencematch
@@ -546,7 +547,9 @@ def make_sampler(lm: LanguageModel, *, max_new_tokens: int, num_samples: int = 1
     if mesh is None:
       return jitted(params, prompt, prompt_mask, rng, *knobs)
     with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.flax_rules()):
-      return jitted(params, prompt, prompt_mask, rng, *knobs)
+      return together(params, prompt, prompt_mask, rng, *knobs)
 
+  # Several processes: compile, then wait for the others before the first sharded call.
+  together = mesh_lib.compile_together(jitted, "sampler")
   sampler.jitted = jitted
   return sampler

@@ -67,7 +67,8 @@ def check_workdir(workdir: str) -> None:
     return
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".jaxsi_write_probe")
+    # One probe per process: hosts sharing the workdir must not delete each other's probe.
+    probe = os.path.join(workdir, f".jaxsi_write_probe.{jax.process_index()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -117,6 +118,9 @@ def setup(config, workdir: str) -> Run:
   init_rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda r: state_lib.create(lm.init(r), tx), init_rng)
   state_shardings = state_lib.shardings(abstract_state, lm.param_axes(), mesh)
+  # The checkpoint manager's first cross-host sync is the run's first collective: line the
+  # processes up first (they may be minutes apart after imports and model building).
+  mesh_lib.sync_processes("setup")
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
       best_metric=config.checkpoint.best_metric or None, best_mode=config.checkpoint.best_mode,
@@ -295,11 +299,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict[str, floa
                        for k, n in parts.batch_ndims.items()}
   elif parts.prepare is not None and gkd.uses_rewards(config.objective):
     batch_shardings["reward"] = partitioning.batch_sharding(run.mesh, 1)
-  train_step = jax.jit(
+  train_step = mesh_lib.compile_together(jax.jit(
       step_lib.make_train_step(parts.loss_fn, run.tx),
       in_shardings=(run.state_shardings, parts.frozen_shardings, batch_shardings, replicated),
       out_shardings=(run.state_shardings, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,)), "train_step")
   train_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
   stop_requested = {"signal": None}

@@ -22,69 +22,21 @@ char tokenizer on `tfds.testing.mock_data` (`data.mock=True`, a testing aid) for
 
 import ml_collections
 
-from jaxsi import config as config_lib
-from jaxsi.data import tasks
-from jaxsi.models import t5
+from jaxsi import sft_config
 
-VARIANTS = ("t5_small", "t5_base", "t5_large", "t5_xl", "tiny")
+VARIANTS = sft_config.T5_VARIANTS
 # FLAN-T5 shares the T5 v1.1 shapes (the presets) and its 32100-token vocabulary.
 _TOKENIZERS = {"t5_small": "google/flan-t5-small", "t5_base": "google/flan-t5-base",
                "t5_large": "google/flan-t5-large", "t5_xl": "google/flan-t5-xl"}
-_TOKENIZER_SIZE = 32100
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "t5_small"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of gsm8k_sft.py; choose from "
-                     f"{', '.join(VARIANTS)}.")
-  tiny = variant == "tiny"
-
-  data = tasks.default_data_config("gsm8k")
-  data.tokenizer = "char" if tiny else _TOKENIZERS[variant]
-  data.prompt_eos = True   # T5 saw its inputs end with EOS in pretraining
-  data.max_prompt_len = 512
-  data.max_response_len = 320
-  data.truncation = "left"
-  data.num_shots = 0
-
-  model = t5.preset("t5_tiny" if tiny else variant)
-  model.dropout_rate = 0.0
-  if not tiny:
-    model.num_real_tokens = _TOKENIZER_SIZE  # the 32128-row head is padded past the tokenizer
-
-  config = config_lib.base_config(model=model, data=data)
-  steps = ml_collections.FieldReference(5_000)
-  config.train.steps = steps
-  config.train.batch_size = 32
-  config.train.log_every = 50
-  config.train.eval_every = 1_000
-  config.train.checkpoint_every = 1_000
-
-  config.optim.name = "adafactor"
-  config.optim.lr = 3e-4
-  config.optim.schedule = "constant"
-  config.optim.warmup_steps = 500
-  config.optim.total_steps = steps
-
-  config.eval.num_examples = 1_319
-  config.eval.batch_size = 64
-  config.eval.max_new_tokens = data.get_ref("max_response_len")
-  config.checkpoint.best_metric = "eval/accuracy"
-  config.checkpoint.best_mode = "max"
-
-  if tiny:
-    data.mock = True
-    data.mock_num_examples = 64
-    data.prompt_template = "Q: {question} A:"   # the char tokenizer has no newline
-    data.max_prompt_len = 40
-    data.max_response_len = 24
-    steps.set(8)
-    config.train.batch_size = 8
-    config.train.log_every = 2
-    config.train.eval_every = 4
-    config.train.checkpoint_every = 4
-    config.optim.warmup_steps = 2
-    config.eval.num_examples = 16
-    config.eval.batch_size = 16
-  return config
+  return sft_config.t5_sft(
+      "gsm8k_sft.py", arg, task="gsm8k", tokenizers=_TOKENIZERS,
+      data={"max_prompt_len": 512, "max_response_len": 320, "truncation": "left",
+            "num_shots": 0},
+      # the char tokenizer has no newline
+      tiny_data={"prompt_template": "Q: {question} A:", "max_prompt_len": 40,
+                 "max_response_len": 24},
+      steps=5_000, warmup_steps=500, log_every=50, eval_every=1_000, checkpoint_every=1_000,
+      eval_examples=1_319, eval_batch_size=64, best_metric="eval/accuracy")

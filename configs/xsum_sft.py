@@ -18,66 +18,18 @@ tokenizer on `tfds.testing.mock_data` (`data.mock=True`, a testing aid) for a fe
 
 import ml_collections
 
-from jaxsi import config as config_lib
-from jaxsi.data import tasks
-from jaxsi.models import t5
+from jaxsi import sft_config
 
-VARIANTS = ("t5_small", "t5_base", "t5_large", "t5_xl", "tiny")
+VARIANTS = sft_config.T5_VARIANTS
 # The checkpoints' own tokenizers: all T5 v1.1 sizes share one 32100-token vocabulary.
 _TOKENIZERS = {"t5_small": "google/t5-v1_1-small", "t5_base": "google/t5-v1_1-base",
                "t5_large": "google/t5-v1_1-large", "t5_xl": "google/t5-v1_1-xl"}
-_TOKENIZER_SIZE = 32100
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "t5_small"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of xsum_sft.py; choose from "
-                     f"{', '.join(VARIANTS)}.")
-  tiny = variant == "tiny"
-
-  data = tasks.default_data_config("xsum")
-  data.tokenizer = "char" if tiny else _TOKENIZERS[variant]
-  data.prompt_eos = True   # T5 saw its inputs end with EOS in pretraining
-  data.max_prompt_len = 1024
-  data.max_response_len = 64
-
-  model = t5.preset("t5_tiny" if tiny else variant)
-  model.dropout_rate = 0.0
-  if not tiny:
-    model.num_real_tokens = _TOKENIZER_SIZE  # the 32128-row head is padded past the tokenizer
-
-  config = config_lib.base_config(model=model, data=data)
-  steps = ml_collections.FieldReference(40_000)
-  config.train.steps = steps
-  config.train.batch_size = 32
-  config.train.log_every = 100
-  config.train.eval_every = 5_000
-  config.train.checkpoint_every = 2_000
-
-  config.optim.name = "adafactor"
-  config.optim.lr = 3e-4
-  config.optim.schedule = "constant"
-  config.optim.warmup_steps = 2_000
-  config.optim.total_steps = steps
-
-  config.eval.num_examples = 1_000
-  config.eval.batch_size = 64
-  config.eval.max_new_tokens = data.get_ref("max_response_len")
-  config.checkpoint.best_metric = "eval/rouge2"
-  config.checkpoint.best_mode = "max"
-
-  if tiny:
-    data.mock = True
-    data.mock_num_examples = 64
-    data.max_prompt_len = 48
-    data.max_response_len = 24
-    steps.set(8)
-    config.train.batch_size = 8
-    config.train.log_every = 2
-    config.train.eval_every = 4
-    config.train.checkpoint_every = 4
-    config.optim.warmup_steps = 2
-    config.eval.num_examples = 16
-    config.eval.batch_size = 16
-  return config
+  return sft_config.t5_sft(
+      "xsum_sft.py", arg, task="xsum", tokenizers=_TOKENIZERS,
+      data={"max_prompt_len": 1024, "max_response_len": 64},
+      tiny_data={"max_prompt_len": 48, "max_response_len": 24},
+      steps=40_000, warmup_steps=2_000, log_every=100, eval_every=5_000, checkpoint_every=2_000,
+      eval_examples=1_000, eval_batch_size=64, best_metric="eval/rouge2")

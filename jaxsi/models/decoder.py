@@ -155,7 +155,7 @@ class DecoderTransformer(nn.Module):
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, mask_BxLxN: jax.Array,
                cache: dict[str, Any] | None = None, cache_index: jax.Array | int | None = None,
                num_outputs: int | None = None, deterministic: bool = True,
-               ) -> tuple[jax.Array, dict[str, Any] | None]:
+               return_hidden: bool = False) -> tuple[jax.Array, dict[str, Any] | None]:
     """Runs the decoder.
 
     Args:
@@ -167,9 +167,11 @@ class DecoderTransformer(nn.Module):
       cache_index: where these L tokens go in the cache.
       num_outputs: compute logits only for the last `num_outputs` tokens (default all).
       deterministic: disables dropout.
+      return_hidden: return the final-normed features [B, num_outputs, E] (compute dtype)
+        instead of the logits; `output_head` turns them into the same logits.
 
     Returns:
-      (logits [B, num_outputs, V] float32, updated cache or None).
+      (logits [B, num_outputs, V] float32 or features, updated cache or None).
     """
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
@@ -194,13 +196,34 @@ class DecoderTransformer(nn.Module):
       x = layers.RMSNorm(eps=cfg.norm_eps, dtype=dtype, name="final_norm")(x)
     if num_outputs is not None:
       x = x[:, x.shape[1] - num_outputs:]
-    if cfg.tie_embeddings:
+    if return_hidden:
+      return layers.constrain(x, layers.BATCH_LENGTH_EMBED), new_cache
+    if cfg.tie_embeddings:  # `output_head` repeats this on given parameters
       logits = embed.attend(x)
     else:
       logits = layers.DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
                                    name="lm_head")(x)
     logits = layers.constrain(logits.astype(jnp.float32), layers.BATCH_LENGTH_VOCAB)
     return logits, new_cache
+
+
+def output_head(cfg: ml_collections.ConfigDict, params: Any, x_BxLxE: jax.Array) -> jax.Array:
+  """The output head: features [B, L, E] -> logits [B, L, V] float32.
+
+  Args:
+    cfg: the decoder config.
+    params: the model parameters (only "embed" is read when embeddings are tied, else
+      "lm_head").
+    x_BxLxE: final-normed features, e.g. from `DecoderLM.hidden`.
+  """
+  dtype = DTYPES[cfg.dtype]
+  if cfg.tie_embeddings:
+    logits = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype).apply(
+        {"params": params["embed"]}, x_BxLxE, method="attend")
+  else:
+    logits = layers.DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=dtype).apply(
+        {"params": params["lm_head"]}, x_BxLxE)
+  return layers.constrain(logits.astype(jnp.float32), layers.BATCH_LENGTH_VOCAB)
 
 
 def _prompt_positions(prompt_mask_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -262,6 +285,15 @@ class DecoderLM(LanguageModel):
     Returns:
       logits [B, T, V] float32; logits[:, t] predicts response[:, t].
     """
+    return self.head(params, self.hidden(params, batch, dropout_rng=dropout_rng))
+
+  def head(self, params: Params, hidden: jax.Array) -> jax.Array:
+    """Features [..., E] from `hidden` -> logits [..., V] float32."""
+    return output_head(self.config, params, hidden)
+
+  def hidden(self, params: Params, batch: Batch, *,
+             dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced features [B, T, E] (compute dtype); `head` maps them to `logits`."""
     for key in ("prompt", "prompt_mask", "response"):
       if key not in batch:
         raise ValueError(f"Batch lacks {key!r}; it has {sorted(batch)}.")
@@ -302,10 +334,10 @@ class DecoderLM(LanguageModel):
 
     deterministic = dropout_rng is None or self.config.dropout_rate == 0.0
     rngs = {} if deterministic else {"dropout": dropout_rng}
-    logits_BxTxV, _ = self.module.apply({"params": params}, inputs_BxL, positions_BxL,
+    hidden_BxTxE, _ = self.module.apply({"params": params}, inputs_BxL, positions_BxL,
                                         mask_BxLxL, num_outputs=t, deterministic=deterministic,
-                                        rngs=rngs)
-    return logits_BxTxV
+                                        rngs=rngs, return_hidden=True)
+    return hidden_BxTxE
 
   def prefill(self, params: Params, prompt: jax.Array, prompt_mask: jax.Array,
               max_new_tokens: int) -> tuple[jax.Array, Any]:

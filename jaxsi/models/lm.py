@@ -65,6 +65,19 @@ class LanguageModel(abc.ABC):
     Dropout is active only when `dropout_rng` is given.
     """
 
+  def hidden(self, params: Params, batch: Batch, *,
+             dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced features [B, T, E] that `head` maps to `logits` (compute dtype).
+
+    Losses that never hold the full [B, T, V] logits (`jaxsi.objectives.chunked`) apply
+    `head` to slices of these.
+    """
+    raise NotImplementedError(f"{type(self).__name__} does not expose its features.")
+
+  def head(self, params: Params, hidden: jax.Array) -> jax.Array:
+    """The output head: features [..., E] -> logits [..., V] float32."""
+    raise NotImplementedError(f"{type(self).__name__} does not expose its output head.")
+
   @abc.abstractmethod
   def prefill(self, params: Params, prompt: jax.Array, prompt_mask: jax.Array,
               max_new_tokens: int) -> tuple[jax.Array, Any]:

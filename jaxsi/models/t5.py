@@ -472,12 +472,23 @@ class T5Transformer(nn.Module):
     return self.decoder.cross_keys_values(encoded_BxSxD)
 
   def decode(self, tokens_BxQ, query_pos_BxQ, key_pos_BxK, self_visible_BxQxK, cross_kvs,
-             prompt_mask_BxS, deterministic, self_kv_caches=None, write_index=None):
-    """Returns (logits [B, Q, V] float32, per layer self-attention (keys, values))."""
-    d = self.dims
+             prompt_mask_BxS, deterministic, self_kv_caches=None, write_index=None,
+             return_hidden=False):
+    """Returns (logits [B, Q, V] float32, per layer self-attention (keys, values)).
+
+    With `return_hidden` the first item is the decoder's final-normed output [B, Q, D]
+    (compute dtype) instead; `head` maps it to the same logits.
+    """
     y_BxQxD, kvs = self.decoder(self.token_embedder(tokens_BxQ), query_pos_BxQ, key_pos_BxK,
                                 self_visible_BxQxK, cross_kvs, prompt_mask_BxS, deterministic,
                                 self_kv_caches, write_index)
+    if return_hidden:
+      return layers.constrain(y_BxQxD, layers.BATCH_LENGTH_EMBED), kvs
+    return self.head(y_BxQxD), kvs
+
+  def head(self, y_BxQxD):
+    """Decoder output [B, Q, D] -> logits [B, Q, V] float32."""
+    d = self.dims
     if d.tie_embeddings:
       # v1.0 reuses the input embedding as the head; the rescaling keeps logits O(1).
       y_BxQxD = y_BxQxD * (d.d_model ** -0.5)
@@ -487,16 +498,19 @@ class T5Transformer(nn.Module):
       logits = jnp.einsum("bqd,dv->bqv", y_BxQxD, self.logits_kernel.astype(d.dtype),
                           preferred_element_type=jnp.float32)
     logits = layers.constrain(logits, layers.BATCH_LENGTH_VOCAB)
-    return logits.astype(jnp.float32), kvs
+    return logits.astype(jnp.float32)
 
   def __call__(self, prompt_BxS, prompt_mask_BxS, tokens_BxT, positions_BxT, visible_BxTxT,
-               deterministic):
-    """Teacher-forced decoder logits [B, T, V] for decoder inputs `tokens` (start token first)."""
+               deterministic, return_hidden=False):
+    """Teacher-forced decoder logits [B, T, V] for decoder inputs `tokens` (start token first).
+
+    With `return_hidden`: the decoder's final-normed output [B, T, D] instead (see `decode`).
+    """
     encoded_BxSxD = self.encode(prompt_BxS, prompt_mask_BxS, deterministic)
     cross_kvs = self.cross_keys_values(encoded_BxSxD)
-    logits, _ = self.decode(tokens_BxT, positions_BxT, positions_BxT, visible_BxTxT, cross_kvs,
-                            prompt_mask_BxS, deterministic)
-    return logits
+    out, _ = self.decode(tokens_BxT, positions_BxT, positions_BxT, visible_BxTxT, cross_kvs,
+                         prompt_mask_BxS, deterministic, return_hidden=return_hidden)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,6 +581,17 @@ class T5LM(lm_lib.LanguageModel):
 
   def logits(self, params, batch, *, dropout_rng=None):
     """Teacher-forced logits [B, T, V] float32 for `batch['response']` (see `lm.py`)."""
+    return self.head(params, self.hidden(params, batch, dropout_rng=dropout_rng))
+
+  def head(self, params, hidden):
+    """Decoder features [..., D] from `hidden` -> logits [..., V] float32."""
+    lead = hidden.shape[:-1]
+    flat_1xNxD = hidden.reshape((1, -1, hidden.shape[-1]))
+    logits = self.module.apply({"params": params}, flat_1xNxD, method="head")
+    return logits.reshape(lead + (self.vocab_size,))
+
+  def hidden(self, params, batch, *, dropout_rng=None):
+    """Teacher-forced decoder features [B, T, D] (compute dtype); `head` maps them to logits."""
     for key in ("prompt", "prompt_mask", "response"):
       if key not in batch:
         raise ValueError(f"T5 batch lacks {key!r}; it has {sorted(batch)}.")
@@ -592,7 +617,7 @@ class T5LM(lm_lib.LanguageModel):
     rngs = None if deterministic else {"dropout": dropout_rng}
     return self.module.apply({"params": params}, prompt_BxS.astype(jnp.int32),
                              batch["prompt_mask"].astype(bool), tokens_BxT, dec_pos_BxT,
-                             dec_visible_BxTxT, deterministic, rngs=rngs)
+                             dec_visible_BxTxT, deterministic, return_hidden=True, rngs=rngs)
 
   def prefill(self, params, prompt, prompt_mask, max_new_tokens):
     """Runs the encoder once and the start token through the decoder.

@@ -18,9 +18,19 @@ JSD(0.5) and an AdamW update. Both sides run the same GPT-2-style models with id
     the Trainer's data loading and logging around it.
 
 Each side's time is the median over `steps` steps (fewer once they add up to `max_seconds`)
-after `warmup` steps, waiting for the result of each step; jaxsi's first call (tracing and XLA
-compilation of sampler and step) is reported as `compile_s`. No row ever stops early: the EOS id lies outside the vocabulary (jaxsi) or is
-unset (TRL), so every step samples exactly `new_tokens` tokens per row.
+after `warmup` steps, waiting for the result of each step. jaxsi's sampler and train step are
+compiled ahead of time (`compile_s`, never part of a step), so no timed step traces or
+compiles; within a step, `sample_s` and `train_s` are the medians of the sampler call and of
+the train step call. No row ever stops early: the EOS id lies outside the vocabulary (jaxsi)
+or is unset (TRL), so every step samples exactly `new_tokens` tokens per row.
+
+Accounting, with the keys of `sft_step.py` (see benchmarks/README.md): `tokens_per_s` counts
+the tokens of the batch the step trains on, prompt + sampled response (B × (S + new_tokens)),
+per second of the whole step, as the trainer's `train/tokens_per_s` does; `trl_tokens_per_s`
+is the same count over TRL's step. `flops_per_step` = the sampling call
+(`jaxsi.flops.decode_flops`, attention over the allocated cache, as jaxsi computes it) + the
+train step (`jaxsi.flops.distillation_step_flops`: student forward and backward, teacher
+forward); `mfu` divides its rate by the measured matmul peak of the default device.
 """
 
 from __future__ import annotations
@@ -38,11 +48,15 @@ import jax
 import ml_collections
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxsi import objectives  # noqa: E402  (after the path fix so the script runs from a checkout)
+import sft_step  # noqa: E402  (the shared timing and accounting, next to this file)
+from jaxsi import flops  # noqa: E402  (after the path fix so the script runs from a checkout)
+from jaxsi import objectives  # noqa: E402
 from jaxsi import optim  # noqa: E402
+from jaxsi import peak  # noqa: E402
 from jaxsi import sampling  # noqa: E402
 from jaxsi import state as state_lib  # noqa: E402
 from jaxsi import step as step_lib  # noqa: E402
@@ -64,25 +78,19 @@ def _model_config(num_layers: int, d_model: int, num_heads: int) -> ml_collectio
   return config
 
 
-def _timed_steps(step, args) -> list[float]:
-  """Seconds of up to `args.steps` calls of `step` after the warm-up ones.
-
-  The first call (already made by the caller) counts as warm-up. Timing stops early once the
-  timed calls add up to `args.max_seconds` (at least 3 are timed), so a side slowed down by a
-  busy machine cannot stretch the run past a few minutes.
-  """
-  for _ in range(args.warmup - 1):
-    step()
-  times = []
-  while len(times) < args.steps and (len(times) < 3 or sum(times) < args.max_seconds):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
-
-
 def bench_jaxsi(student, teacher, prompt, prompt_mask, args) -> dict:
-  """Median seconds of sampler + train step, and the first call's (compile) seconds."""
+  """Times jaxsi's on-policy GKD step and accounts for it.
+
+  Args:
+    student: (LanguageModel, params), the trained model.
+    teacher: (LanguageModel, params), the frozen teacher.
+    prompt: [B, S] int32 prompts.
+    prompt_mask: [B, S] int32, all ones.
+    args: the parsed flags.
+
+  Returns:
+    The jaxsi keys of the JSON line (see benchmarks/README.md).
+  """
   student_lm, student_params = student
   teacher_lm, teacher_params = teacher
   eos_id = VOCAB  # never sampled: every row runs all `new_tokens` steps
@@ -94,32 +102,76 @@ def bench_jaxsi(student, teacher, prompt, prompt_mask, args) -> dict:
   tx = optim.build_optimizer(optim_cfg)
   train_step = jax.jit(step_lib.make_train_step(loss_fn, tx), donate_argnums=(0,))
   sampler = sampling.make_sampler(student_lm, max_new_tokens=args.new_tokens, eos_id=eos_id)
+  knobs = (np.float32(1.0), np.int32(0), np.float32(1.0))  # temperature, top-k, top-p: off
   frozen = {"teacher": jax.device_put(teacher_params)}
   prompt, prompt_mask = jax.device_put(prompt), jax.device_put(prompt_mask)
   run_rng = jax.random.key(0)
-  box = {"state": jax.jit(lambda p: state_lib.create(p, tx))(jax.device_put(student_params)),
-         "calls": 0}
+  state = jax.jit(lambda p: state_lib.create(p, tx))(jax.device_put(student_params))
+
+  # Both programs are compiled ahead of time, like sft_step.py's step: the timed calls can then
+  # never trace or compile again.
+  start = time.perf_counter()
+  compiled_sampler = sampler.jitted.lower(state.params, prompt, prompt_mask, run_rng,
+                                          *knobs).compile()
+  sample_compile_s = time.perf_counter() - start
+  samples = jax.eval_shape(sampler.jitted, state.params, prompt, prompt_mask, run_rng, *knobs)
+  batch_shapes = {"prompt": prompt, "prompt_mask": prompt_mask, "response": samples.tokens,
+                  "response_mask": samples.mask}
+  start = time.perf_counter()
+  compiled_step = train_step.lower(state, frozen, batch_shapes, run_rng).compile()
+  train_compile_s = time.perf_counter() - start
+  box = {"state": state, "calls": 0, "phases": []}
 
   def gkd_step():
     state = box["state"]
     rng = jax.random.fold_in(run_rng, box["calls"])
     box["calls"] += 1
-    out = sampler(state.params, prompt, prompt_mask, rng, 1.0, 0, 1.0)
+    start = time.perf_counter()
+    out = compiled_sampler(state.params, prompt, prompt_mask, rng, *knobs)
+    jax.block_until_ready(out)  # the trainer, too, waits for the samples (jaxsi.onpolicy)
+    sampled = time.perf_counter()
     batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": out.tokens,
              "response_mask": out.mask}
-    box["state"], metrics = train_step(state, frozen, batch, run_rng)
+    box["state"], metrics = compiled_step(state, frozen, batch, run_rng)
     jax.block_until_ready((box["state"], metrics))
+    box["phases"].append((sampled - start, time.perf_counter() - sampled))
     return out, metrics
 
-  start = time.perf_counter()
   out, metrics = gkd_step()
-  compile_s = time.perf_counter() - start
   assert int(out.length.min()) == args.new_tokens, "jaxsi stopped sampling early"
   assert np.isfinite(float(metrics["loss"])), metrics
-  times = _timed_steps(gkd_step, args)
-  return dict(jaxsi_step_s=statistics.median(times), jaxsi_step_min_s=min(times),
-              jaxsi_timed_steps=len(times), compile_s=compile_s,
-              jaxsi_first_loss=float(metrics["loss"]))
+  first_loss = float(metrics["loss"])
+  times = sft_step.timed_calls(gkd_step, steps=args.steps, warmup=args.warmup,
+                               max_seconds=args.max_seconds)
+  phases = box["phases"][-len(times):]
+  sample_s = statistics.median([p[0] for p in phases])
+  train_s = statistics.median([p[1] for p in phases])
+
+  sizes = dict(batch=args.batch, prompt_len=args.prompt_len)
+  # What the sampler's arrays multiply: attention over the whole allocated cache, as the train
+  # step's count covers every key of its dense [L, L] scores.
+  sample_flops = flops.decode_flops(student_lm.config, new_tokens=args.new_tokens,
+                                    full_cache=True, **sizes)
+  train_flops = flops.distillation_step_flops(student_lm.config, teacher_lm.config,
+                                              response_len=args.new_tokens, **sizes)
+  tokens = int(np.asarray(prompt_mask).sum() + np.asarray(out.mask).sum())
+  result = sft_step.standard_keys(times, tokens=tokens, flops_per_step=sample_flops + train_flops,
+                                  dtype=student_lm.config.dtype,
+                                  compiled=[compiled_sampler, compiled_step])
+  peak_flops = result["peak_flops_per_s"]
+  result.update(
+      sample_s=sample_s, train_s=train_s,
+      sample_tokens_per_s=args.batch * args.new_tokens / sample_s,
+      sample_flops_per_step=sample_flops, train_flops_per_step=train_flops,
+      xla_train_flops_per_step=sft_step.xla_flops(compiled_step),
+      sample_mfu=sample_flops / sample_s / peak_flops, train_mfu=train_flops / train_s / peak_flops,
+      sample_compiled_memory_bytes=peak.compiled_memory_bytes(compiled_sampler),
+      train_compiled_memory_bytes=peak.compiled_memory_bytes(compiled_step),
+      compile_s=sample_compile_s + train_compile_s, sample_compile_s=sample_compile_s,
+      train_compile_s=train_compile_s, dtype=student_lm.config.dtype,
+      jaxsi_step_s=result["step_s"], jaxsi_step_min_s=result["step_min_s"],
+      jaxsi_timed_steps=result["timed_steps"], jaxsi_first_loss=first_loss)
+  return result
 
 
 def bench_trl(student, teacher, prompt, prompt_mask, args) -> dict:
@@ -178,7 +230,8 @@ def bench_trl(student, teacher, prompt, prompt_mask, args) -> dict:
   input_ids, loss = gkd_step()
   assert input_ids.shape == (args.batch, args.prompt_len + args.new_tokens), input_ids.shape
   first_loss = loss.item()
-  times = _timed_steps(gkd_step, args)
+  times = sft_step.timed_calls(gkd_step, steps=args.steps, warmup=args.warmup,
+                               max_seconds=args.max_seconds)
   return dict(trl_step_s=statistics.median(times), trl_step_min_s=min(times),
               trl_timed_steps=len(times), trl_version=trl.__version__, trl_first_loss=first_loss,
               torch_threads=torch.get_num_threads(), torch_device=device,
@@ -211,13 +264,14 @@ def main() -> None:
                 student=STUDENT, teacher=TEACHER, batch=args.batch, prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens, divergence=f"jsd({BETA})", optimizer="adamw", lr=LR,
                 steps=args.steps, warmup=args.warmup,
-                device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
-                num_devices=jax.device_count(), cpu_count=os.cpu_count(),
                 # Other processes on the machine skew both sides (torch's thread pool suffers most).
-                load_avg_1m=os.getloadavg()[0])
+                **sft_step.machine())
   # The jaxsi state is donated, so the TRL side exports the initial weights first.
   result.update(bench_trl(student, teacher, prompt, prompt_mask, args))
   result.update(bench_jaxsi(student, teacher, prompt, prompt_mask, args))
+  trained_tokens = args.batch * (args.prompt_len + args.new_tokens)  # every slot is real
+  result["trl_tokens_per_s"] = (trained_tokens / result["trl_step_s"]
+                                if result["trl_step_s"] else None)
   result["speedup"] = (result["trl_step_s"] / result["jaxsi_step_s"]
                        if result["trl_step_s"] else None)
   print(json.dumps(result))

@@ -7,9 +7,15 @@ Prints ONE JSON line. Both sides run a GPT-2-style model (vocab 512, 4 layers, w
 4 heads) with identical weights (jaxsi parameters exported with `jaxsi.models.to_pretrained`),
 ancestral sampling at temperature 1 with top-k and top-p off, and exactly `new_tokens` tokens per
 row (EOS can never stop either side early). Times are medians over `repeats` runs after a warm-up
-call; jaxsi's compile time is reported separately. The HF side runs with a fixed number of torch
-intra-op threads (`torch_threads`, default 2 = the cores of the machine these numbers come from),
-not torch's machine-dependent default, so runs on different machines stay comparable.
+call; jaxsi's sampler is compiled ahead of time and its compile time reported separately
+(`compile_s`). The HF side runs with a fixed number of torch intra-op threads (`torch_threads`,
+default 2 = the cores of the machine these numbers come from), not torch's machine-dependent
+default, so runs on different machines stay comparable.
+
+jaxsi's side also reports the keys of `sft_step.py` (see benchmarks/README.md), for one sampling
+call as the step: `step_s` (= `jaxsi_s`), `tokens_per_s` (generated tokens, = `jaxsi_tokens_per_s`),
+`flops_per_step` (`jaxsi.flops.decode_flops`: one prefill and `new_tokens` − 1 decode steps,
+attention over the allocated cache as the sampler computes it), `mfu`, `peak_memory_bytes`.
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ import time
 import jax
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxsi import sampling  # noqa: E402  (after the path fix so the script runs from a checkout)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import sft_step  # noqa: E402  (the shared timing and accounting, next to this file)
+from jaxsi import flops  # noqa: E402  (after the path fix so the script runs from a checkout)
+from jaxsi import sampling  # noqa: E402
 from jaxsi.models import build, decoder, to_pretrained  # noqa: E402
 
 CONFIG = dict(vocab_size=512, num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64,
@@ -37,32 +47,39 @@ CONFIG = dict(vocab_size=512, num_layers=4, d_model=256, num_heads=4, num_kv_hea
 DEFAULT_TORCH_THREADS = 2
 
 
-def median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def bench_jaxsi(lm, params, prompt, prompt_mask, args) -> dict:
+  """Times jaxsi's compiled sampler on [B, S] prompts and accounts for it (see the README).
+
+  `tokens_per_s` counts generated tokens (B × new_tokens) per second of one call, the number
+  `generate` benchmarks quote; `flops_per_step` is `jaxsi.flops.decode_flops` for the call
+  with attention over the whole allocated cache, as the sampler computes it.
+  """
   # eos_id = vocab_size is never produced, so every row runs all `new_tokens` steps.
   sampler = sampling.make_sampler(lm, max_new_tokens=args.new_tokens, num_samples=1,
                                   eos_id=CONFIG["vocab_size"])
-  rng = jax.random.key(0)
+  knobs = (np.float32(1.0), np.int32(0), np.float32(1.0))  # temperature, top-k, top-p: off
+  prompt, prompt_mask = jax.device_put(prompt), jax.device_put(prompt_mask)
   start = time.perf_counter()
-  out = sampler(params, prompt, prompt_mask, rng, 1.0, 0, 1.0)
-  jax.block_until_ready(out)
+  compiled = sampler.jitted.lower(params, prompt, prompt_mask, jax.random.key(0),
+                                  *knobs).compile()
   compile_s = time.perf_counter() - start
+  calls = iter(range(10 ** 6))
+
+  def sample():
+    return jax.block_until_ready(
+        compiled(params, prompt, prompt_mask, jax.random.key(next(calls)), *knobs))
+
+  out = sample()  # the warm-up call
   assert int(out.length.min()) == args.new_tokens, "jaxsi stopped early"
-  calls = iter(range(1, 10 ** 6))
-  seconds = median_seconds(
-      lambda: jax.block_until_ready(
-          sampler(params, prompt, prompt_mask, jax.random.key(next(calls)), 1.0, 0, 1.0)),
-      args.repeats)
-  return dict(jaxsi_tokens_per_s=args.batch * args.new_tokens / seconds, jaxsi_s=seconds,
-              compile_s=compile_s)
+  times = sft_step.timed_calls(sample, steps=args.repeats, warmup=1, max_seconds=float("inf"))
+  result = sft_step.standard_keys(
+      times, tokens=args.batch * args.new_tokens,
+      flops_per_step=flops.decode_flops(lm.config, batch=args.batch, prompt_len=args.prompt_len,
+                                        new_tokens=args.new_tokens, full_cache=True),
+      dtype=lm.config.dtype, compiled=[compiled])
+  result.update(compile_s=compile_s, jaxsi_s=result["step_s"],
+                jaxsi_tokens_per_s=result["tokens_per_s"])
+  return result
 
 
 def bench_hf(lm, params, prompt, args) -> dict:
@@ -92,7 +109,8 @@ def bench_hf(lm, params, prompt, args) -> dict:
 
   out = generate()  # warm-up
   assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
-  seconds = median_seconds(generate, args.repeats)
+  seconds = statistics.median(sft_step.timed_calls(generate, steps=args.repeats, warmup=1,
+                                                  max_seconds=float("inf")))
   return dict(hf_tokens_per_s=args.batch * args.new_tokens / seconds, hf_s=seconds,
               torch_threads=torch.get_num_threads())
 
@@ -117,13 +135,12 @@ def main() -> None:
                                              (args.batch, args.prompt_len)).astype(np.int32)
   prompt_mask = np.ones_like(prompt)
 
-  result = dict(benchmark="sampling", variant="gpt2", **CONFIG, batch=args.batch,
-                prompt_len=args.prompt_len, new_tokens=args.new_tokens, temperature=1.0, top_k=0,
-                top_p=1.0, repeats=args.repeats, device=str(jax.devices()[0].device_kind),
-                platform=jax.default_backend(), num_devices=jax.device_count(),
-                cpu_count=os.cpu_count(), torch_threads=args.torch_threads,
+  result = dict(benchmark="sampling", variant="gpt2", **CONFIG, dtype=config.dtype,
+                batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                temperature=1.0, top_k=0, top_p=1.0, repeats=args.repeats,
+                torch_threads=args.torch_threads,
                 # Other processes on the machine skew both sides (torch's thread pool suffers most).
-                load_avg_1m=os.getloadavg()[0])
+                **sft_step.machine())
   result.update(bench_jaxsi(lm, params, prompt, prompt_mask, args))
   result.update(bench_hf(lm, params, prompt, args))
   if result["hf_tokens_per_s"]:

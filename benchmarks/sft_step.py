@@ -12,7 +12,9 @@ XLA's memory and FLOP analyses of the executable), then timed over `steps` calls
 
 FLOPs are the analytic matmul count of `jaxsi.flops.train_step_flops` (3 × forward); MFU
 divides the FLOP/s this gives by `jaxsi.peak.measure_matmul_peak` on the default device, the
-one the step runs on. `benchmarks/sm_step.py` reuses `bench_train_step` for SequenceMatch.
+one the step runs on. The other benchmarks import this file: `sm_step.py` reuses
+`bench_train_step` for SequenceMatch; `gkd_step.py` and `sampling.py` reuse `machine`,
+`timed_calls` and `standard_keys`, so every benchmark's keys mean the same.
 """
 
 from __future__ import annotations
@@ -72,11 +74,66 @@ def machine() -> dict:
               load_avg_1m=os.getloadavg()[0])
 
 
-def _xla_flops(compiled) -> float | None:
+def xla_flops(compiled) -> float | None:
+  """XLA's FLOP count of a compiled executable (`cost_analysis()["flops"]`), if it gives one.
+
+  A `while_loop` body (the sampler's decode loop) is counted once, not once per iteration, so
+  this is only meaningful for loop-free programs such as a train step.
+  """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per executable
     analysis = analysis[0] if analysis else None
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def timed_calls(call, *, steps: int, warmup: int, max_seconds: float) -> list[float]:
+  """Seconds of up to `steps` calls of `call` (which must wait for its result) after warm-up.
+
+  The caller has already made one untimed call (it checks the result), which counts towards
+  `warmup`. Timing stops early once the timed calls add up to `max_seconds` (at least
+  min(3, steps) are timed), so a run slowed down by a busy machine cannot stretch past a few
+  minutes.
+  """
+  for _ in range(warmup - 1):
+    call()
+  times = []
+  while len(times) < steps and (len(times) < 3 or sum(times) < max_seconds):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def standard_keys(times: list[float], *, tokens: int, flops_per_step: float, dtype: str,
+                  compiled: list) -> dict:
+  """The keys every benchmark reports for its step (see benchmarks/README.md).
+
+  Args:
+    times: seconds of the timed calls of the step.
+    tokens: the tokens one step is for (see each benchmark's `tokens_per_s`).
+    flops_per_step: analytic model FLOPs of one step (`jaxsi.flops`).
+    dtype: the model's compute dtype, also the dtype of the peak matmul.
+    compiled: the compiled executables one step runs; the memory is the largest of them.
+
+  Returns:
+    step_s, step_min_s, timed_steps, tokens_per_s, flops_per_step, model_flops_per_s,
+    peak_flops_per_s, mfu, peak_memory_bytes, memory_source, compiled_memory_bytes.
+  """
+  step_s = statistics.median(times)
+  # Measured after the timing, so the two never compete for the device; more repeats than the
+  # trainer's default because a shared machine's load comes in bursts.
+  peak_flops = peak.measure_matmul_peak(dtype, repeats=21)
+  compiled_sizes = [b for b in map(peak.compiled_memory_bytes, compiled) if b is not None]
+  compiled_bytes = max(compiled_sizes) if compiled_sizes else None
+  device_bytes = peak.device_peak_memory_bytes()
+  return dict(
+      step_s=step_s, step_min_s=min(times), timed_steps=len(times),
+      tokens_per_s=tokens / step_s, flops_per_step=flops_per_step,
+      model_flops_per_s=flops_per_step / step_s, peak_flops_per_s=peak_flops,
+      mfu=flops_per_step / step_s / peak_flops,
+      peak_memory_bytes=device_bytes if device_bytes is not None else compiled_bytes,
+      memory_source="device_memory_stats" if device_bytes is not None else "memory_analysis",
+      compiled_memory_bytes=compiled_bytes)
 
 
 def bench_train_step(lm, loss_fn, batch: dict, args) -> dict:
@@ -85,7 +142,8 @@ def bench_train_step(lm, loss_fn, batch: dict, args) -> dict:
   Args:
     lm: the model (its config gives the FLOPs).
     loss_fn: `loss_fn(params, frozen, batch, rng, step)`.
-    batch: device arrays with at least prompt, prompt_mask, response, response_mask.
+    batch: device arrays with at least prompt [B, S], prompt_mask [B, S], response [B, T] and
+      response_mask [B, T].
     args: parsed `add_step_args` flags.
 
   Returns:
@@ -109,31 +167,14 @@ def bench_train_step(lm, loss_fn, batch: dict, args) -> dict:
 
   first = run()
   assert np.isfinite(float(first["loss"])), first
-  for _ in range(args.warmup - 1):
-    run()
-  times = []
-  while len(times) < args.steps and (len(times) < 3 or sum(times) < args.max_seconds):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
-
-  flops_per_step = flops.batch_train_step_flops(lm.config, batch)
-  # Measured after the timing, so the two never compete for the device; more repeats than the
-  # trainer's default because a shared machine's load comes in bursts.
-  peak_flops = peak.measure_matmul_peak(lm.config.dtype, repeats=21)
+  times = timed_calls(run, steps=args.steps, warmup=args.warmup, max_seconds=args.max_seconds)
   tokens = int(np.asarray(batch["prompt_mask"]).sum() + np.asarray(batch["response_mask"]).sum())
-  compiled_bytes = peak.compiled_memory_bytes(compiled)
-  device_bytes = peak.device_peak_memory_bytes()
-  return dict(
-      step_s=step_s, step_min_s=min(times), timed_steps=len(times),
-      tokens_per_s=tokens / step_s, flops_per_step=flops_per_step,
-      xla_flops_per_step=_xla_flops(compiled), model_flops_per_s=flops_per_step / step_s,
-      peak_flops_per_s=peak_flops, mfu=flops_per_step / step_s / peak_flops,
-      peak_memory_bytes=device_bytes if device_bytes is not None else compiled_bytes,
-      memory_source="device_memory_stats" if device_bytes is not None else "memory_analysis",
-      compiled_memory_bytes=compiled_bytes, compile_s=compile_s,
-      first_loss=float(first["loss"]))
+  result = standard_keys(times, tokens=tokens,
+                         flops_per_step=flops.batch_train_step_flops(lm.config, batch),
+                         dtype=lm.config.dtype, compiled=[compiled])
+  result.update(xla_flops_per_step=xla_flops(compiled), compile_s=compile_s,
+                first_loss=float(first["loss"]))
+  return result
 
 
 def main() -> None:

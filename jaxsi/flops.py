@@ -25,7 +25,9 @@ steps, each feeding one token per row. A decode step attends to the keys of the 
 allocated cache, masked, which `decode_flops(..., full_cache=True)` counts instead.
 
 A train step is `3 ×` the forward pass: the backward pass of each matmul computes two products
-of the forward's size (the gradients of both operands).
+of the forward's size (the gradients of both operands). A distillation (GKD) step adds the
+frozen teacher's forward pass on the same batch (`distillation_step_flops`); an on-policy step
+also samples its responses first (`decode_flops`).
 """
 
 from __future__ import annotations
@@ -160,6 +162,28 @@ def train_step_flops(model_config: Any, *, batch: int, prompt_len: int,
   """
   return 3.0 * forward_flops(model_config, batch=batch, prompt_len=prompt_len,
                              response_len=response_len)
+
+
+def distillation_step_flops(student_config: Any, teacher_config: Any, *, batch: int,
+                            prompt_len: int, response_len: int) -> float:
+  """FLOPs of one distillation train step (GKD): student forward + backward, teacher forward.
+
+  The student is trained (`train_step_flops`, 3 × its forward); the frozen teacher scores the
+  same batch once under `stop_gradient` (`forward_flops`, no backward). Sampling the responses
+  is a separate program before the step: add `decode_flops` for an on-policy step.
+
+  Args:
+    student_config: the trained model's config.
+    teacher_config: the frozen teacher's config (its head as wide as the student's).
+    batch: rows B.
+    prompt_len: prompt width S.
+    response_len: response width T.
+
+  Returns:
+    Matmul FLOPs of the step, as a float.
+  """
+  sizes = dict(batch=batch, prompt_len=prompt_len, response_len=response_len)
+  return train_step_flops(student_config, **sizes) + forward_flops(teacher_config, **sizes)
 
 
 def batch_train_step_flops(model_config: Any, batch: Mapping[str, Any]) -> float:

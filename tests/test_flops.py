@@ -19,9 +19,11 @@ from jax.extend import core as jex_core
 from jaxsi import config as config_lib
 from jaxsi import flops
 from jaxsi import metrics_writer
+from jaxsi import objectives
 from jaxsi import peak
 from jaxsi import trainer
 from jaxsi.models import build, decoder, t5
+from jaxsi.objectives import gkd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,6 +146,52 @@ def test_xla_counts_within_three_percent_above(kind):
   xla_train = grad.lower(params, batch).cost_analysis()["flops"]
   ours_train = flops.train_step_flops(config, batch=b, prompt_len=s, response_len=t)
   assert ours_train < xla_train < 1.03 * ours_train
+
+
+def _gkd_grad(student_config, teacher_config, eos_id):
+  """∇ of the GKD (JSD 0.5) loss w.r.t. the student: `grad(params, frozen, batch)`."""
+  student, teacher = build(student_config), build(teacher_config)
+  objective = gkd.default_objective_config()
+  objective.update(divergence="jsd", beta=0.5)
+  loss_fn = objectives.make_loss_fn(objective, student, teacher_lm=teacher, eos_id=eos_id)
+  grad = jax.grad(lambda p, f, x: loss_fn(p, f, x, jax.random.key(0), 0)[0])
+  return grad, student.abstract_params(), {"teacher": teacher.abstract_params()}
+
+
+@pytest.mark.parametrize("student_kind,teacher_kind", [("llama", "gpt2"), ("v1_0", "v1_1")])
+def test_distillation_step_equals_the_traced_matmuls(student_kind, teacher_kind):
+  """GKD's gradient: the student's forward and backward, the frozen teacher's forward once."""
+  student_config = _config(student_kind)
+  teacher_config = _config(teacher_kind)
+  teacher_config.update(d_model=48, d_ff=64)  # a different size, as a real teacher
+  b, s, t = 3, 5, 7
+  batch = dict(_batch(b, s, t), response_mask=jnp.ones((b, t), jnp.int32))
+  grad, params, frozen = _gkd_grad(student_config, teacher_config, eos_id=1)
+  ours = flops.distillation_step_flops(student_config, teacher_config, batch=b, prompt_len=s,
+                                       response_len=t)
+  assert ours == _traced_flops(lambda p, f: grad(p, f, batch), params, frozen)
+  assert ours == (flops.train_step_flops(student_config, batch=b, prompt_len=s, response_len=t)
+                  + flops.forward_flops(teacher_config, batch=b, prompt_len=s, response_len=t))
+
+
+def test_distillation_step_xla_counts_within_three_percent_above():
+  """`benchmarks/gkd_step.py`'s shapes: XLA adds the divergence's elementwise work (~1 %)."""
+  def gpt2(num_layers, d_model, num_heads):
+    config = decoder.default_config("gpt2")
+    config.update(vocab_size=512, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                  num_kv_heads=num_heads, head_dim=d_model // num_heads, d_ff=4 * d_model,
+                  max_len=128, dropout_rate=0.0)
+    return config
+
+  student_config, teacher_config = gpt2(4, 256, 4), gpt2(6, 384, 6)
+  b, s, t = 4, 32, 32
+  batch = dict(_batch(b, s, t), response_mask=jnp.ones((b, t), jnp.int32))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  grad, params, frozen = _gkd_grad(student_config, teacher_config, eos_id=512)
+  xla = jax.jit(grad).lower(params, frozen, batch).cost_analysis()["flops"]
+  ours = flops.distillation_step_flops(student_config, teacher_config, batch=b, prompt_len=s,
+                                       response_len=t)
+  assert ours < xla < 1.03 * ours
 
 
 def test_decode_flops_sums_prefill_and_steps():

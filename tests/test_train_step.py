@@ -1,4 +1,7 @@
-"""The jitted train step: 8-device sharded == 1 device, donation, and no retracing."""
+"""The jitted train step: 8-device sharded == 1 device, donation, and no retracing or
+recompilation, neither here nor in the trainer (SFT, and GKD with the λ coin landing both ways)."""
+
+import os
 
 import chex
 import jax
@@ -6,16 +9,22 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxsi import config as config_lib
 from jaxsi import mesh as mesh_lib
+from jaxsi import metrics_writer
 from jaxsi import objectives
 from jaxsi import optim
 from jaxsi import partitioning
+from jaxsi import pipeline
 from jaxsi import state as state_lib
 from jaxsi import step as step_lib
+from jaxsi import trainer
 from jaxsi.data import tasks
 from jaxsi.models import build
 from jaxsi.models import decoder
 from jaxsi.objectives import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _model_config(variant):
@@ -121,3 +130,55 @@ def test_step_never_retraces_and_donates_state():
   assert int(state.step) == 4
   assert all(leaf.is_deleted() for leaf in jax.tree.leaves(previous.params))  # donated
   assert train_step._cache_size() == 1
+
+
+@pytest.fixture
+def trainer_steps(monkeypatch):
+  """Each train step the trainer jits, as (its jitted function, how often it was traced)."""
+  steps = []
+  make_train_step, compile_together = step_lib.make_train_step, mesh_lib.compile_together
+
+  def counted_train_step(*args, **kwargs):
+    fn, record = make_train_step(*args, **kwargs), {"traces": 0}
+
+    def train_step(*step_args):
+      record["traces"] += 1  # runs only while jax traces
+      return fn(*step_args)
+
+    steps.append(record)
+    return train_step
+
+  def recording_compile_together(jitted, name):
+    if name == "train_step":
+      steps[-1]["jitted"] = jitted
+    return compile_together(jitted, name)
+
+  monkeypatch.setattr(step_lib, "make_train_step", counted_train_step)
+  monkeypatch.setattr(mesh_lib, "compile_together", recording_compile_together)
+  return steps
+
+
+def _learning_rates(workdir):
+  return [r["train/lr"] for r in metrics_writer.read(workdir) if "train/lr" in r]
+
+
+def test_trainer_compiles_the_sft_step_once(tmp_path, trainer_steps):
+  """8 steps with a new batch each, a warmup + cosine LR, evals and checkpoints in between."""
+  config = config_lib.load(os.path.join(ROOT, "configs/arithmetic_sft.py:tiny"),
+                           [("train.progress", "false")])
+  trainer.train(config, str(tmp_path))
+  assert [(r["traces"], r["jitted"]._cache_size()) for r in trainer_steps] == [(1, 1)]
+  assert len(set(_learning_rates(str(tmp_path)))) >= 3  # the LR really changed
+
+
+def test_trainer_compiles_the_gkd_step_once_whichever_way_the_coin_lands(tmp_path,
+                                                                         trainer_steps):
+  """GKD + RL at λ = 0.5: dataset and student-sampled responses (and rewards) share a step."""
+  config = config_lib.load(os.path.join(ROOT, "configs/arithmetic_gkd.py:tiny"), [
+      ("train.progress", "false"), ("train.steps", "6"), ("objective.lam", "0.5"),
+      ("objective.reward", "exact_match")])
+  pipeline.run(config, str(tmp_path))  # teacher SFT, student SFT, then GKD: one step each
+  assert [(r["traces"], r["jitted"]._cache_size()) for r in trainer_steps] == [(1, 1)] * 3
+  rows = [r for r in metrics_writer.read(str(tmp_path)) if "train/on_policy_fraction" in r]
+  assert 0.0 < rows[-1]["train/on_policy_fraction"] < 1.0  # both sources were trained on
+  assert len(set(_learning_rates(str(tmp_path)))) >= 3

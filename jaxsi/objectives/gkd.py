@@ -37,6 +37,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxsi.models import lm as lm_lib
+from jaxsi.objectives import chunked
 from jaxsi.objectives import divergences
 from jaxsi.objectives import rewards as rewards_lib
 from jaxsi.objectives import sft
@@ -82,6 +83,13 @@ def default_objective_config() -> ml_collections.ConfigDict:
     max_new_tokens: sample length; None = the batch's response width.
     eos_id: end-of-sequence id for the EOS-rate metric; None = taken from the trainer
       (`make_loss_fn(..., eos_id=...)`).
+    vocab_chunk_size: 0 (default) computes the student's and the teacher's full [B, T, V]
+      logits; c > 0 applies both output heads to c response positions at a time and
+      recomputes them in the backward pass (`jaxsi.objectives.chunked`): the same loss,
+      gradients and metrics, while only the features [B, T, E] of each model stay alive
+      instead of their logits. One knob covers both models because the divergence needs the
+      two chunks together: a teacher's full logits would otherwise stay alive until the
+      student's backward pass ends. Costs one more forward pass of each head per step.
   """
   cfg = ml_collections.ConfigDict()
   cfg.name = "gkd"
@@ -98,6 +106,7 @@ def default_objective_config() -> ml_collections.ConfigDict:
   cfg.rl_alpha = 0.5
   cfg.max_new_tokens = config_dict.placeholder(int)
   cfg.eos_id = config_dict.placeholder(int)
+  cfg.vocab_chunk_size = 0
   return cfg
 
 
@@ -161,6 +170,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                      "or None (= the response width).")
   if cfg.eos_id is not None and (not isinstance(cfg.eos_id, int) or cfg.eos_id < 0):
     raise ValueError(f"GKD eos_id={cfg.eos_id!r} must be a token id >= 0 or None.")
+  chunked.check_chunk_size(cfg.vocab_chunk_size, "GKD")
   if not isinstance(cfg.reward, str):
     raise ValueError(f"GKD reward={cfg.reward!r} must be a string: '' (no RL), a reward name "
                      f"({', '.join(rewards_lib.names())}) or 'module:function'.")
@@ -296,7 +306,11 @@ def make_loss_fn(lm: lm_lib.LanguageModel, objective_cfg: ml_collections.ConfigD
   zeros in `batch["reward"]` and the same compiled step does plain distillation (scaled by α).
 
   The teacher runs without dropout on `frozen["teacher"]` under `stop_gradient`; the student
-  runs with dropout driven by `rng`. `step` is unused.
+  runs with dropout driven by `rng`. `step` is unused. JAX never differentiates the teacher,
+  so none of its activations are kept for the backward pass: only its logits are (they enter
+  the divergence's gradient), and with `vocab_chunk_size` > 0 not even those: both heads run
+  on chunks of positions (`chunked.map_token_chunks`) from the features [B, T, E] of
+  `lm.hidden` and `teacher_lm.hidden`, giving the same values up to float32 rounding.
 
   Metrics (float32 scalars, stop-gradient): "loss"; "divergence" (D); "student_entropy"
   (entropy of softmax(student), per-token mean); "teacher_nll" and "student_nll" (token-mean
@@ -325,12 +339,53 @@ def make_loss_fn(lm: lm_lib.LanguageModel, objective_cfg: ml_collections.ConfigD
   if eos_id is None or not isinstance(eos_id, int) or eos_id < 0:
     raise ValueError(f"GKD needs the end-of-sequence id (got {eos_id!r}); pass eos_id=... to "
                      "make_loss_fn or set objective.eos_id to a token id >= 0.")
+  chunk_size = cfg.vocab_chunk_size
+  if chunk_size:
+    chunked.check_exposes_head(lm, "GKD", chunk_size)
+    chunked.check_exposes_head(teacher_lm, "GKD", chunk_size)
   name, beta, tau = cfg.divergence, float(cfg.beta), float(cfg.loss_temperature)
   normalization = cfg.normalization
   reward_on, alpha = bool(cfg.reward), float(cfg.rl_alpha)
   gamma = float(cfg.sample_temperature)
   num_real = _real_vocab(lm, teacher_lm)
   vocab = lm.vocab_size
+
+  def token_terms(student_BxTxV: jax.Array, teacher_BxTxV: jax.Array, tokens_BxT: jax.Array,
+                  valid_BxT: jax.Array) -> dict[str, jax.Array]:
+    """Per-token values [B, T] float32 from both models' logits [B, T, V], 0 where masked.
+
+    "value": d[b, t] above; "sample_log_prob": log S_γ(y[b, t]) (with a reward only);
+    "entropy", "teacher_nll", "student_nll": the metrics' terms (stop-gradient). Positions
+    are independent, so this runs on all positions or on a chunk [B, c, V] of them alike.
+    """
+    mask_BxT = valid_BxT.astype(jnp.float32)
+    teacher_BxTxV = jax.lax.stop_gradient(_clean_logits(teacher_BxTxV, valid_BxT, num_real))
+    student_BxTxV = _clean_logits(student_BxTxV, valid_BxT, num_real)
+    if name == "nll":
+      value_BxT = -_token_log_prob(_log_softmax(student_BxTxV, tau), tokens_BxT)
+    else:
+      value_BxT = divergences.divergence(name, teacher_BxTxV, student_BxTxV, beta=beta,
+                                         temperature=tau)
+    terms = {"value": value_BxT * mask_BxT}
+    if reward_on:
+      terms["sample_log_prob"] = (
+          _token_log_prob(_log_softmax(student_BxTxV, gamma), tokens_BxT) * mask_BxT)
+    student_log_p_BxTxV = _log_softmax(jax.lax.stop_gradient(student_BxTxV), 1.0)
+    teacher_log_p_BxTxV = _log_softmax(teacher_BxTxV, 1.0)
+    entropy_BxT = -jnp.sum(jnp.exp(student_log_p_BxTxV) * student_log_p_BxTxV, axis=-1)
+    terms.update(
+        entropy=entropy_BxT * mask_BxT,
+        teacher_nll=-_token_log_prob(teacher_log_p_BxTxV, tokens_BxT) * mask_BxT,
+        student_nll=-_token_log_prob(student_log_p_BxTxV, tokens_BxT) * mask_BxT)
+    return terms
+
+  def chunk_terms(params_pair: tuple[Any, Any], chunk: dict[str, jax.Array]
+                  ) -> dict[str, jax.Array]:
+    """`token_terms` of one chunk of positions, from both models' features [B, c, E]."""
+    student_params, teacher_params = params_pair
+    return token_terms(lm.head(student_params, chunk["student"]),
+                       teacher_lm.head(teacher_params, chunk["teacher"]), chunk["tokens"],
+                       chunk["valid"])
 
   def loss_fn(params: Any, frozen: Any, batch: lm_lib.Batch, rng: jax.Array,
               step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -348,25 +403,25 @@ def make_loss_fn(lm: lm_lib.LanguageModel, objective_cfg: ml_collections.ConfigD
     tokens_BxT = jnp.where(valid_BxT, jnp.clip(batch["response"], 0, vocab - 1), 0)
 
     teacher_params = jax.lax.stop_gradient(frozen["teacher"])
-    teacher_BxTxV = jax.lax.stop_gradient(
-        _clean_logits(teacher_lm.logits(teacher_params, batch), valid_BxT, num_real))
-    student_BxTxV = _clean_logits(lm.logits(params, batch, dropout_rng=rng), valid_BxT, num_real)
-
-    if name == "nll":
-      per_token_BxT = -_token_log_prob(_log_softmax(student_BxTxV, tau), tokens_BxT)
+    if chunk_size:
+      per_token = chunked.map_token_chunks(
+          chunk_terms, (params, teacher_params),
+          {"student": lm.hidden(params, batch, dropout_rng=rng),
+           "teacher": jax.lax.stop_gradient(teacher_lm.hidden(teacher_params, batch)),
+           "tokens": tokens_BxT, "valid": valid_BxT},
+          chunk_size)
     else:
-      per_token_BxT = divergences.divergence(name, teacher_BxTxV, student_BxTxV, beta=beta,
-                                             temperature=tau)
-    per_token_BxT = per_token_BxT * mask_BxT
-    divergence = sft.normalize(per_token_BxT, mask_BxT, normalization)
+      per_token = token_terms(lm.logits(params, batch, dropout_rng=rng),
+                              teacher_lm.logits(teacher_params, batch), tokens_BxT, valid_BxT)
+
+    divergence = sft.normalize(per_token["value"], mask_BxT, normalization)
     loss = divergence
 
     metrics = {"divergence": divergence}
     if reward_on:
       reward_B = batch["reward"].astype(jnp.float32)
       advantage_B = jax.lax.stop_gradient(reward_B - reward_B.mean())
-      sample_log_prob_B = (_token_log_prob(_log_softmax(student_BxTxV, gamma), tokens_BxT)
-                           * mask_BxT).sum(axis=-1)
+      sample_log_prob_B = per_token["sample_log_prob"].sum(axis=-1)
       rl_loss = -(1.0 - alpha) * jnp.mean(advantage_B * sample_log_prob_B)
       loss = alpha * divergence + rl_loss
       metrics.update(reward=reward_B.mean(), rl_loss=rl_loss)
@@ -374,17 +429,14 @@ def make_loss_fn(lm: lm_lib.LanguageModel, objective_cfg: ml_collections.ConfigD
     num_tokens = mask_BxT.sum()
 
     def per_token_mean(x_BxT):
-      return (x_BxT * mask_BxT).sum() / jnp.maximum(num_tokens, 1.0)
+      return x_BxT.sum() / jnp.maximum(num_tokens, 1.0)
 
-    student_log_p_BxTxV = _log_softmax(student_BxTxV, 1.0)
-    teacher_log_p_BxTxV = _log_softmax(teacher_BxTxV, 1.0)
-    entropy_BxT = -jnp.sum(jnp.exp(student_log_p_BxTxV) * student_log_p_BxTxV, axis=-1)
     has_eos_B = jnp.any(valid_BxT & (batch["response"] == eos_id), axis=-1)
     metrics.update(
         loss=loss,
-        student_entropy=per_token_mean(entropy_BxT),
-        teacher_nll=per_token_mean(-_token_log_prob(teacher_log_p_BxTxV, tokens_BxT)),
-        student_nll=per_token_mean(-_token_log_prob(student_log_p_BxTxV, tokens_BxT)),
+        student_entropy=per_token_mean(per_token["entropy"]),
+        teacher_nll=per_token_mean(per_token["teacher_nll"]),
+        student_nll=per_token_mean(per_token["student_nll"]),
         response_length=mask_BxT.sum(axis=-1).mean(),
         eos_rate=has_eos_B.astype(jnp.float32).mean(),
         num_tokens=num_tokens,

@@ -10,6 +10,13 @@ Two optimizers, both straight from optax:
 
 Both are preceded by gradient clipping by global norm when `grad_clip_norm` > 0.
 
+Scanned layers (`scan_layers=True`) stack each layer stack's parameters on a leading [L] axis.
+Adafactor decides per parameter which dimensions to factor, clips the update by the
+parameter's block RMS and scales the step by the parameter's RMS, so it must see each layer's
+slice as its own parameter: `per_layer` runs the optimizer under `jax.vmap` over the leading
+axis of stacked leaves (found by `jaxsi.models.layer_stack.stacked_mask`), which makes a scanned
+model train exactly like the unscanned one. Clipping by global norm stays global.
+
 Weight decay has the same meaning for both: every step subtracts
 lr_t * weight_decay * param, only for parameters with at least two dimensions
 (kernels and embeddings; biases and norm scales are never decayed).
@@ -34,11 +41,14 @@ W = 10000 peaks at T5's 0.01).
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from jaxsi.models import layer_stack
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
@@ -134,11 +144,91 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def build_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+class PerLayerState(NamedTuple):
+  """State of `per_layer` when some parameters are stacked.
+
+  Attributes:
+    single: the inner state of the unstacked parameters (stacked ones are `optax.MaskedNode`).
+    stacked: one inner state per distinct layer count L of the stacked parameters (ascending
+      L; e.g. T5's encoder and decoder stacks when their depths differ), every leaf [L, ...].
+  """
+  single: Any
+  stacked: tuple[Any, ...]
+
+
+def _select(tree: Any, keep: Any) -> Any:
+  """`tree` with the leaves where `keep` is False replaced by `optax.MaskedNode`."""
+  if tree is None:
+    return None
+  return jax.tree.map(lambda k, x: x if k else optax.MaskedNode(), keep, tree)
+
+
+def _layer_groups(tree: Any, mask: Any) -> tuple[Any, list[Any]]:
+  """(mask of unstacked leaves, one mask per distinct leading size of the stacked leaves)."""
+  sizes = sorted({jnp.shape(x)[0] for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(tree))
+                  if m})
+  single = jax.tree.map(lambda m: not m, mask)
+  groups = [jax.tree.map(lambda m, x, n=n: bool(m) and jnp.shape(x)[0] == n, mask, tree)
+            for n in sizes]
+  return single, groups
+
+
+def per_layer(inner: optax.GradientTransformation,
+              stacked: Callable[[Any], Any] = layer_stack.stacked_mask
+              ) -> optax.GradientTransformation:
+  """`inner` applied to each layer slice of stacked parameters as to a separate parameter.
+
+  Leaves that `stacked` marks have a leading layer axis [L, ...]; `inner` runs on them under
+  `jax.vmap` over that axis (one vmap per distinct L), so per-parameter statistics (Adafactor's
+  factoring, update clipping and parameter scale, weight-decay masks by rank) are per layer,
+  exactly as for unscanned layers. Other leaves go to `inner` directly. Without stacked leaves
+  this is `inner` itself, state included (checkpoints of unscanned runs keep their layout).
+
+  Args:
+    inner: a per-leaf transformation (e.g. Adafactor, AdamW; not global-norm clipping).
+    stacked: params -> a tree of bools like params, True for stacked leaves.
+
+  Returns:
+    A GradientTransformation whose `update` needs `params` when `inner`'s does.
+  """
+
+  def init(params):
+    mask = stacked(params)
+    if not any(jax.tree.leaves(mask)):
+      return inner.init(params)
+    single, groups = _layer_groups(params, mask)
+    return PerLayerState(
+        single=inner.init(_select(params, single)),
+        stacked=tuple(jax.vmap(inner.init)(_select(params, group)) for group in groups))
+
+  def update(updates, state, params=None):
+    mask = stacked(updates)
+    if not any(jax.tree.leaves(mask)):
+      return inner.update(updates, state, params)
+    single, groups = _layer_groups(updates, mask)
+    new_updates, single_state = inner.update(_select(updates, single), state.single,
+                                             _select(params, single))
+    group_states = []
+    for group, group_state in zip(groups, state.stacked):
+      group_updates, group_state = jax.vmap(inner.update)(
+          _select(updates, group), group_state, _select(params, group))
+      new_updates = jax.tree.map(lambda g, a, b: b if g else a, group, new_updates,
+                                 group_updates)
+      group_states.append(group_state)
+    return new_updates, PerLayerState(single=single_state, stacked=tuple(group_states))
+
+  return optax.GradientTransformation(init, update)
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict,
+                    stacked: Callable[[Any], Any] = layer_stack.stacked_mask
+                    ) -> optax.GradientTransformation:
   """Builds the optimizer named by `cfg.name`, with its schedule and gradient clipping.
 
   Args:
     cfg: an optimizer config (see `default_optim_config`).
+    stacked: params -> tree of bools, True for leaves stacked on a leading layer axis
+      (default: leaves of the "layers" subtrees of scanned models); see `per_layer`.
 
   Returns:
     An optax GradientTransformation; `update` needs `params` (Adafactor scales by
@@ -175,6 +265,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
         weight_decay_rate=decay_rate,
         weight_decay_mask=_decay_mask)
 
+  optimizer = per_layer(optimizer, stacked)
   if clip_norm:
     return optax.chain(optax.clip_by_global_norm(float(clip_norm)), optimizer)
   return optimizer

@@ -3,10 +3,15 @@
 Used to start a run from trained weights (`init_from`), to load a frozen teacher or base
 model, and to export. A *source* is either a jaxsi workdir (it has a `checkpoints/` folder),
 or anything `jaxsi.models.from_pretrained` accepts (a local HF directory, or a hub id).
+
+Parameters come in the layer layout of their source (scanned or not, see
+`jaxsi.models.layer_stack`); `load(..., like=lm)` converts them to the layout of `lm`, e.g. to
+start a scanned run from a Hugging Face checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -20,6 +25,7 @@ from jaxsi import optim
 from jaxsi import partitioning
 from jaxsi import state as state_lib
 from jaxsi.models import build
+from jaxsi.models import layer_stack
 from jaxsi.models.lm import LanguageModel
 
 
@@ -87,11 +93,38 @@ def load_workdir(workdir: str, *, mesh: Mesh | None = None, step: int | None = N
   return lm, params, config
 
 
-def load(source: str, *, mesh: Mesh | None = None) -> tuple[LanguageModel, Any]:
-  """(lm, params) from a jaxsi workdir or a Hugging Face checkpoint (directory or hub id)."""
+def in_layout_of(like: LanguageModel, lm: LanguageModel, params: Any
+                 ) -> tuple[LanguageModel, Any]:
+  """`lm` and its `params` with the layers stacked (or not) as in `like`.
+
+  Only the layer layout changes (`scan_layers`); sizes, vocabulary and the rest of `lm`'s config
+  stay its own. The parameters keep their NumPy or jax type; placement is the caller's.
+  """
+  scanned = bool(like.config.get("scan_layers"))
+  if bool(lm.config.get("scan_layers")) == scanned:
+    return lm, params
+  config = copy.deepcopy(lm.config)
+  config.scan_layers = scanned
+  return build(config), layer_stack.to_layout(params, lm.config, scanned)
+
+
+def load(source: str, *, mesh: Mesh | None = None, like: LanguageModel | None = None
+         ) -> tuple[LanguageModel, Any]:
+  """(lm, params) from a jaxsi workdir or a Hugging Face checkpoint (directory or hub id).
+
+  Args:
+    source: a jaxsi run directory, a Hugging Face directory or a hub id.
+    mesh: shard the parameters over it (else NumPy arrays on the host).
+    like: convert to the layer layout (scanned or not) of this model; None keeps the source's.
+  """
   if is_workdir(source):
     lm, params, _ = load_workdir(source, mesh=mesh)
-    return lm, params
+    if like is None:
+      return lm, params
+    converted_lm, converted = in_layout_of(like, lm, params)
+    if converted_lm is lm:
+      return lm, params
+    return converted_lm, _place(converted, converted_lm, mesh)
   looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source) \
       or "://" in source or source.count("/") > 1
   if looks_local and not os.path.exists(os.path.join(source, "config.json")):
@@ -100,6 +133,8 @@ def load(source: str, *, mesh: Mesh | None = None) -> tuple[LanguageModel, Any]:
                             "Face directory, or a hub id like 'google/flan-t5-small'.")
   from jaxsi.models import from_pretrained
   lm, params = from_pretrained(source)
+  if like is not None:
+    lm, params = in_layout_of(like, lm, params)
   return lm, _place(params, lm, mesh)
 
 

@@ -149,7 +149,7 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
     logging.info("Resumed from %s at step %d.", run.checkpointer.directory, step)
     return state, step
   if run.config.init_from:
-    loaded_lm, params = pretrained.load(run.config.init_from, mesh=run.mesh)
+    loaded_lm, params = pretrained.load(run.config.init_from, mesh=run.mesh, like=run.lm)
     if run.config.objective.name == "sequencematch":
       params = sm_batches.grow_loaded_params(run.lm, loaded_lm, params, run.config.objective)
     try:

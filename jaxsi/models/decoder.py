@@ -18,6 +18,10 @@ The KV cache used by `prefill` / `decode_step` is a dict:
   {"kv": {"layer_i": {"key", "value"}: [B, K, S + max_new_tokens, D]},
    "prompt_mask": [B, S] bool, "prompt_length": [B] int32}
 
+With `scan_layers` (see `jaxsi.models.layer_stack`) the layers run as one scan and "kv" is
+{"key", "value"}: [B, L, K, S + max_new_tokens, D], the layers on axis 1. `remat_policy` (see
+`jaxsi.models.remat`) chooses what the backward pass recomputes. Neither changes the results.
+
 Every leaf has the batch as its leading dimension, so a sampler may repeat a
 prompt's cache along it. Keys and values are head-major (heads before slots),
 so attention reads them without transposing the cache every step. Slots
@@ -34,7 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from jaxsi.models import layer_stack
 from jaxsi.models import layers
+from jaxsi.models import remat
 from jaxsi.models.lm import Batch, LanguageModel, Params
 
 VARIANTS = ("gpt2", "llama")
@@ -79,13 +85,16 @@ def default_config(variant: str = "gpt2") -> ml_collections.ConfigDict:
   cfg.attention_bias = gpt2  # query/key/value biases (Qwen2 has them in a llama variant)
   cfg.attention_out_bias = gpt2
   cfg.mlp_bias = gpt2
+  cfg.remat_policy = "none"  # one of jaxsi.models.remat.POLICIES
+  cfg.scan_layers = False    # run the layers as one nn.scan over stacked parameters
   return cfg
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError with one sentence naming the first bad value in `cfg`."""
   expected = set(default_config().keys())  # every variant has the same keys
-  missing = sorted(expected - set(cfg.keys()))
+  # Configs stored before the layer options existed lack them (`layer_stack.layer_options`).
+  missing = sorted(expected - set(cfg.keys()) - {"remat_policy", "scan_layers"})
   if missing:
     raise ValueError(f"Decoder config lacks keys {missing}; start from "
                      "jaxsi.models.decoder.default_config().")
@@ -113,38 +122,58 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.num_real_tokens is not None and not 1 <= cfg.num_real_tokens <= cfg.vocab_size:
     raise ValueError(f"num_real_tokens={cfg.num_real_tokens} must be in "
                      f"[1, vocab_size={cfg.vocab_size}] or None.")
+  layer_stack.layer_options(cfg, "Decoder")
 
 
 class DecoderBlock(nn.Module):
   """One pre-norm Transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
   config: ml_collections.FrozenConfigDict
 
-  def _norm(self, name: str) -> nn.Module:
-    cfg = self.config
-    dtype = DTYPES[cfg.dtype]
-    if cfg.variant == "gpt2":
-      return layers.LayerNorm(eps=cfg.norm_eps, dtype=dtype, name=name)
-    return layers.RMSNorm(eps=cfg.norm_eps, dtype=dtype, name=name)
-
-  @nn.compact
-  def __call__(self, x_BxLxE, positions_BxL, mask_BxLxN, cache, cache_index, deterministic):
+  def setup(self):
     cfg = self.config
     dtype = DTYPES[cfg.dtype]
     llama = cfg.variant == "llama"
-    h = self._norm("attn_norm")(x_BxLxE)
-    h, new_cache = layers.Attention(
+    norm = layers.RMSNorm if llama else layers.LayerNorm
+    self.attn_norm = norm(eps=cfg.norm_eps, dtype=dtype)
+    self.attn = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         dtype=dtype, qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
-        rope_theta=cfg.rope_theta if llama else None, name="attn")(
-            h, h, mask_BxLxN, positions_q_BxL=positions_BxL, positions_kv_BxM=positions_BxL,
-            cache=cache, cache_index=cache_index)
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        rope_theta=cfg.rope_theta if llama else None)
+    self.mlp_norm = norm(eps=cfg.norm_eps, dtype=dtype)
+    self.mlp = layers.Mlp(d_ff=cfg.d_ff, activation="silu" if llama else "gelu_tanh",
+                          gated=llama, use_bias=cfg.mlp_bias, dtype=dtype)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x_BxLxE, positions_BxL, mask_BxLxN, cache, cache_index, deterministic):
+    """One layer on x [B, L, E]; `cache` is None or this layer's {"key", "value"} [B, K, N, D].
+
+    Returns:
+      (x [B, L, E], the cache with the L new keys/values written at `cache_index`, or None).
+    """
+    h = self.attn_norm(x_BxLxE)
+    h, new_cache = self.attn(h, h, mask_BxLxN, positions_q_BxL=positions_BxL,
+                             positions_kv_BxM=positions_BxL, cache=cache,
+                             cache_index=cache_index)
+    h = self.dropout(h, deterministic=deterministic)
     x_BxLxE = layers.constrain(x_BxLxE + h, layers.BATCH_LENGTH_EMBED)
-    h = self._norm("mlp_norm")(x_BxLxE)
-    h = layers.Mlp(d_ff=cfg.d_ff, activation="silu" if llama else "gelu_tanh", gated=llama,
-                   use_bias=cfg.mlp_bias, dtype=dtype, name="mlp")(h)
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = self.mlp(self.mlp_norm(x_BxLxE))
+    h = self.dropout(h, deterministic=deterministic)
     return layers.constrain(x_BxLxE + h, layers.BATCH_LENGTH_EMBED), new_cache
+
+
+class ScannedDecoderBlock(DecoderBlock):
+  """`DecoderBlock` as one step of `layer_stack.scan`, the KV cache stacked [B, L, ...]."""
+
+  def __call__(self, carry, positions_BxL, mask_BxLxN, cache_index, deterministic):
+    """carry = (x [B, L, E], None or {"key", "value"} [B, num_layers, K, N, D], layer [] int32)."""
+    x_BxLxE, kv, layer = carry
+    cache = None if kv is None else {k: layer_stack.layer_slice(v, layer) for k, v in kv.items()}
+    x_BxLxE, new_cache = super().__call__(x_BxLxE, positions_BxL, mask_BxLxN, cache, cache_index,
+                                          deterministic)
+    if kv is not None:
+      kv = {k: layer_stack.write_rows(kv[k], new_cache[k], layer, cache_index, x_BxLxE.shape[1])
+            for k in kv}
+    return (x_BxLxE, kv, layer + 1), None
 
 
 class DecoderTransformer(nn.Module):
@@ -163,7 +192,8 @@ class DecoderTransformer(nn.Module):
       positions_BxL: absolute positions [B, L].
       mask_BxLxN: bool [B, L, N]: which keys each token attends to; N = L without
         a cache, else the cache length.
-      cache: optional {"layer_i": {"key", "value"}}, written at `cache_index`.
+      cache: optional {"layer_i": {"key", "value"}} ({"key", "value"} stacked [B, layers, ...]
+        with `scan_layers`), written at `cache_index`.
       cache_index: where these L tokens go in the cache.
       num_outputs: compute logits only for the last `num_outputs` tokens (default all).
       deterministic: disables dropout.
@@ -182,14 +212,21 @@ class DecoderTransformer(nn.Module):
                            name="pos_embed")(positions_BxL)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = layers.constrain(x, layers.BATCH_LENGTH_EMBED)
-    new_cache = None if cache is None else {}
-    for i in range(cfg.num_layers):
-      name = f"layer_{i}"
-      x, layer_cache = DecoderBlock(cfg, name=name)(
-          x, positions_BxL, mask_BxLxN, None if cache is None else cache[name], cache_index,
-          deterministic)
-      if cache is not None:
-        new_cache[name] = layer_cache
+    if cfg.scan_layers:
+      # `deterministic` is argument 5 of the step's __call__ (self is 0); remat keeps it static.
+      step = remat.wrap(ScannedDecoderBlock, cfg.remat_policy, static_argnums=(5,), in_scan=True)
+      (x, new_cache, _), _ = layer_stack.scan(step, cfg.num_layers)(cfg, name=layer_stack.STACKED)(
+          (x, cache, jnp.int32(0)), positions_BxL, mask_BxLxN, cache_index, deterministic)
+    else:
+      block = remat.wrap(DecoderBlock, cfg.remat_policy, static_argnums=(6,), in_scan=False)
+      new_cache = None if cache is None else {}
+      for i in range(cfg.num_layers):
+        name = f"layer_{i}"
+        x, layer_cache = block(cfg, name=name)(
+            x, positions_BxL, mask_BxLxN, None if cache is None else cache[name], cache_index,
+            deterministic)
+        if cache is not None:
+          new_cache[name] = layer_cache
     if cfg.variant == "gpt2":
       x = layers.LayerNorm(eps=cfg.norm_eps, dtype=dtype, name="final_norm")(x)
     else:
@@ -244,6 +281,7 @@ class DecoderLM(LanguageModel):
 
   def __init__(self, config: ml_collections.ConfigDict):
     validate_config(config)
+    config = layer_stack.with_layer_options(config, "Decoder")
     self.config = config
     self.vocab_size = config.vocab_size
     self.module = DecoderTransformer(ml_collections.FrozenConfigDict(config))
@@ -358,8 +396,13 @@ class DecoderLM(LanguageModel):
     positions_BxS, prompt_length_B = _prompt_positions(prompt_mask_BxS)
     mask_BxSxN = jnp.concatenate(
         [_prompt_self_mask(prompt_mask_BxS), jnp.zeros((b, s, max_new_tokens), bool)], axis=2)
-    empty = jnp.zeros((b, cfg.num_kv_heads, s + max_new_tokens, cfg.head_dim), self.dtype)
-    kv = {f"layer_{i}": {"key": empty, "value": empty} for i in range(cfg.num_layers)}
+    if cfg.scan_layers:
+      empty = jnp.zeros((b, cfg.num_layers, cfg.num_kv_heads, s + max_new_tokens, cfg.head_dim),
+                        self.dtype)
+      kv = {"key": empty, "value": empty}
+    else:
+      empty = jnp.zeros((b, cfg.num_kv_heads, s + max_new_tokens, cfg.head_dim), self.dtype)
+      kv = {f"layer_{i}": {"key": empty, "value": empty} for i in range(cfg.num_layers)}
     logits_Bx1xV, kv = self.module.apply({"params": params}, prompt, positions_BxS, mask_BxSxN,
                                          cache=kv, cache_index=0, num_outputs=1)
     cache = {"kv": kv, "prompt_mask": prompt_mask_BxS, "prompt_length": prompt_length_B}
@@ -375,7 +418,7 @@ class DecoderLM(LanguageModel):
     """
     prompt_mask_BxS = cache["prompt_mask"]
     b, s = prompt_mask_BxS.shape
-    max_new_tokens = next(iter(cache["kv"].values()))["key"].shape[2] - s
+    max_new_tokens = jax.tree.leaves(cache["kv"])[0].shape[-2] - s
     if token.shape != (b,) or position.shape != (b,) or visible.shape != (b, max_new_tokens):
       raise ValueError(f"decode_step got token {token.shape}, position {position.shape}, "
                        f"visible {visible.shape}; expected {(b,)}, {(b,)}, "

@@ -10,6 +10,9 @@ it exposes exactly:
 
 Tensor names are always those of the PyTorch checkpoints; weights stored in a
 Hugging Face Flax `flax_model.msgpack` are renamed to them on load.
+
+Converters see the unscanned layout only (one subtree per layer); models with
+`scan_layers=True` are converted to and from it here (`jaxsi.models.layer_stack`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from jaxsi.models import layer_stack
 from jaxsi.models.lm import LanguageModel
 
 # Hugging Face model_type -> converter module.
@@ -239,6 +243,8 @@ def from_pretrained(name_or_path: str, **overrides: Any) -> tuple[LanguageModel,
     raise ValueError(f"{PAD_VOCAB_MULTIPLE}={pad_multiple!r} must be a positive integer.")
   _apply_overrides(config, overrides)
   lm = build(config)
+  if lm.config.get("scan_layers"):
+    params = layer_stack.to_scanned(params, lm.config)
   _check_params_match(lm, params, overrides)
   if pad_multiple is not None:
     if "num_real_tokens" not in config:
@@ -278,6 +284,9 @@ def to_pretrained(lm: LanguageModel, params: Any, out_dir: str) -> None:
     config.vocab_size = real
   if "num_real_tokens" in config:
     config.num_real_tokens = None
+  if config.get("scan_layers"):
+    params = layer_stack.to_unscanned(params, config)
+    config.scan_layers = False
   tensors = {name: np.ascontiguousarray(value, np.float32)
              for name, value in converter.params_to_hf(params, config).items()}
   hf_config = converter.hf_config_from(config)

@@ -16,6 +16,10 @@ d_model^-0.5 output scaling (v1.0 checkpoints) and `False` uses a separate head 
 
 Parameters are float32 and carry logical axis names from `jaxsi.partitioning.LOGICAL_RULES`;
 computation runs in `config.dtype`, softmax and normalization statistics in float32.
+
+`remat_policy` (see `jaxsi.models.remat`) chooses what the backward pass recomputes per layer;
+`scan_layers` runs each stack as one `nn.scan` over stacked parameters (see
+`jaxsi.models.layer_stack`). Neither changes the results.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxsi.models import layer_stack
 from jaxsi.models import layers
 from jaxsi.models import lm as lm_lib
+from jaxsi.models import remat
 
 VARIANTS = ("v1_0", "v1_1")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -85,6 +91,8 @@ def default_config(variant: str = "v1_1") -> ml_collections.ConfigDict:
   # The tokenizer's vocabulary when the head is padded beyond it (None: all rows are real).
   # The model computes every row; samplers and evals mask the padded ones.
   config.num_real_tokens = ml_collections.config_dict.placeholder(int)
+  config.remat_policy = "none"  # one of jaxsi.models.remat.POLICIES
+  config.scan_layers = False    # run each stack as one nn.scan over stacked parameters
   return config
 
 
@@ -114,6 +122,8 @@ class T5Dims:
   gated_gelu: bool
   tie_embeddings: bool
   dtype: Any
+  remat_policy: str = "none"
+  scan_layers: bool = False
 
 
 def dims_from_config(config: ml_collections.ConfigDict) -> T5Dims:
@@ -122,7 +132,9 @@ def dims_from_config(config: ml_collections.ConfigDict) -> T5Dims:
   Raises:
     ValueError: a key is missing or has a value T5 cannot use.
   """
-  missing = sorted(set(default_config().keys()) - set(config.keys()))
+  # Configs stored before the layer options existed lack them (`layer_stack.layer_options`).
+  missing = sorted(set(default_config().keys()) - set(config.keys())
+                   - {"remat_policy", "scan_layers"})
   if missing:
     raise ValueError(f"T5 config lacks the keys {missing}; start from "
                      "jaxsi.models.t5.default_config().")
@@ -145,13 +157,14 @@ def dims_from_config(config: ml_collections.ConfigDict) -> T5Dims:
                      f"than relative_attention_num_buckets // 2 = {buckets // 2}.")
   if not 0.0 <= config.dropout_rate < 1.0:
     raise ValueError(f"T5 dropout_rate={config.dropout_rate!r} must lie in [0, 1).")
+  remat_policy, scan_layers = layer_stack.layer_options(config, "T5")
   return T5Dims(
       vocab_size=config.vocab_size, d_model=config.d_model, num_layers=config.num_layers,
       num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
       head_dim=config.head_dim, d_ff=config.d_ff, num_buckets=buckets, max_distance=distance,
       dropout_rate=float(config.dropout_rate), norm_eps=float(config.norm_eps),
       gated_gelu=config.variant == "v1_1", tie_embeddings=bool(config.tie_embeddings),
-      dtype=DTYPES[config.dtype])
+      dtype=DTYPES[config.dtype], remat_policy=remat_policy, scan_layers=scan_layers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,13 +410,66 @@ class DecoderLayer(nn.Module):
     return layers.constrain(y_BxQxD, layers.BATCH_LENGTH_EMBED), (keys, values)
 
 
+class ScannedEncoderLayer(EncoderLayer):
+  """`EncoderLayer` as one step of `layer_stack.scan`: the carry is the states [B, S, D]."""
+
+  def __call__(self, x_BxSxD, bias_BxHxSxS, visible_BxSxS, deterministic):
+    """Returns (new states [B, S, D], None); the other arguments as for `EncoderLayer`."""
+    return super().__call__(x_BxSxD, bias_BxHxSxS, visible_BxSxS, deterministic), None
+
+
+class ScannedDecoderLayer(DecoderLayer):
+  """`DecoderLayer` as one step of `layer_stack.scan`; caches are stacked [B, L, H, K, Dh]."""
+
+  def __call__(self, carry, bias_BxHxQxK, self_visible_BxQxK, cross_visible_BxQxS, encoded_BxSxD,
+               cross_kvs, deterministic, write_index):
+    """One decoder layer inside the scan.
+
+    Args:
+      carry: (states [B, Q, D], None or the self-attention (keys, values) stacks
+        [B, L, H, K, Dh], layer index [] int32).
+      bias_BxHxQxK, self_visible_BxQxK, cross_visible_BxQxS, deterministic, write_index: as
+        for `DecoderLayer`.
+      encoded_BxSxD: the encoder output, from which the layer projects its cross keys and
+        values when `cross_kvs` is None (training), else unused.
+      cross_kvs: None or the cross-attention (keys, values) stacks [B, L, H, S, Dh] (decoding).
+
+    Returns:
+      ((new states, updated stacks or None, layer index + 1), None).
+    """
+    y_BxQxD, self_kvs, layer = carry
+    if cross_kvs is None:
+      cross_kv = self.cross_keys_values(encoded_BxSxD)
+    else:
+      cross_kv = tuple(layer_stack.layer_slice(stack, layer) for stack in cross_kvs)
+    cache = None if self_kvs is None else tuple(
+        layer_stack.layer_slice(stack, layer) for stack in self_kvs)
+    y_BxQxD, kv = super().__call__(y_BxQxD, bias_BxHxQxK, self_visible_BxQxK, cross_kv,
+                                   cross_visible_BxQxS, deterministic, cache, write_index)
+    if self_kvs is not None:
+      self_kvs = tuple(layer_stack.write_rows(stack, new, layer, write_index, y_BxQxD.shape[1])
+                       for stack, new in zip(self_kvs, kv))
+    return (y_BxQxD, self_kvs, layer + 1), None
+
+  def cross_kv_step(self, carry, encoded_BxSxD):
+    """Scan step of `cross_keys_values`: ys = this layer's (keys, values) [B, H, S, Dh]."""
+    return carry, self.cross_keys_values(encoded_BxSxD)
+
+
 class Encoder(nn.Module):
   """The encoder stack over embedded prompt tokens."""
   dims: T5Dims
 
   def setup(self):
-    self.relpos_bias = RelativePositionBias(self.dims, bidirectional=True)
-    self.layers = [EncoderLayer(self.dims) for _ in range(self.dims.num_layers)]
+    d = self.dims
+    self.relpos_bias = RelativePositionBias(d, bidirectional=True)
+    # `deterministic` is argument 4 of __call__ (self is 0); remat keeps it static.
+    if d.scan_layers:
+      step = remat.wrap(ScannedEncoderLayer, d.remat_policy, static_argnums=(4,), in_scan=True)
+      self.layers = layer_stack.scan(step, d.num_layers)(d)
+    else:
+      layer = remat.wrap(EncoderLayer, d.remat_policy, static_argnums=(4,), in_scan=False)
+      self.layers = [layer(d) for _ in range(d.num_layers)]
     self.final_norm = _norm(self.dims)
     self.dropout = nn.Dropout(self.dims.dropout_rate)
 
@@ -414,8 +480,11 @@ class Encoder(nn.Module):
     batch, length = prompt_mask_BxS.shape
     visible_BxSxS = jnp.broadcast_to(prompt_mask_BxS[:, None, :], (batch, length, length))
     x_BxSxD = self.dropout(x_BxSxD, deterministic=deterministic)
-    for layer in self.layers:
-      x_BxSxD = layer(x_BxSxD, bias_1xHxSxS, visible_BxSxS, deterministic)
+    if self.dims.scan_layers:
+      x_BxSxD, _ = self.layers(x_BxSxD, bias_1xHxSxS, visible_BxSxS, deterministic)
+    else:
+      for layer in self.layers:
+        x_BxSxD = layer(x_BxSxD, bias_1xHxSxS, visible_BxSxS, deterministic)
     return self.dropout(self.final_norm(x_BxSxD), deterministic=deterministic)
 
 
@@ -424,23 +493,49 @@ class Decoder(nn.Module):
   dims: T5Dims
 
   def setup(self):
-    self.relpos_bias = RelativePositionBias(self.dims, bidirectional=False)
-    self.layers = [DecoderLayer(self.dims) for _ in range(self.dims.num_decoder_layers)]
+    d = self.dims
+    self.relpos_bias = RelativePositionBias(d, bidirectional=False)
+    if d.scan_layers:
+      # `deterministic` is argument 7 of the step's __call__ (self is 0).
+      step = remat.wrap(ScannedDecoderLayer, d.remat_policy, static_argnums=(7,), in_scan=True)
+      self.layers = layer_stack.scan(step, d.num_decoder_layers,
+                                     methods=["__call__", "cross_kv_step"])(d)
+    else:
+      layer = remat.wrap(DecoderLayer, d.remat_policy, static_argnums=(6,), in_scan=False)
+      self.layers = [layer(d) for _ in range(d.num_decoder_layers)]
     self.final_norm = _norm(self.dims)
     self.dropout = nn.Dropout(self.dims.dropout_rate)
 
   def cross_keys_values(self, encoded_BxSxD):
-    """Per layer (keys, values) of the encoder output, each [B, H, S, Dh]."""
+    """Per layer (keys, values) of the encoder output, each [B, H, S, Dh].
+
+    With `scan_layers`: one (keys, values) pair of stacks [B, L, H, S, Dh].
+    """
+    if self.dims.scan_layers:
+      _, (keys_LxBxHxSxE, values_LxBxHxSxE) = self.layers.cross_kv_step(jnp.int32(0),
+                                                                        encoded_BxSxD)
+      return jnp.swapaxes(keys_LxBxHxSxE, 0, 1), jnp.swapaxes(values_LxBxHxSxE, 0, 1)
     return tuple(layer.cross_keys_values(encoded_BxSxD) for layer in self.layers)
 
   def __call__(self, y_BxQxD, query_pos_BxQ, key_pos_BxK, self_visible_BxQxK, cross_kvs,
-               prompt_mask_BxS, deterministic, self_kv_caches=None, write_index=None):
-    """Returns (final states [B, Q, D], per layer self-attention (keys, values))."""
+               prompt_mask_BxS, deterministic, self_kv_caches=None, write_index=None,
+               encoded_BxSxD=None):
+    """Returns (final states [B, Q, D], per layer self-attention (keys, values)).
+
+    With `scan_layers`, `cross_kvs` and `self_kv_caches` are (keys, values) pairs of stacks
+    [B, L, H, ., Dh] (or None), and so are the returned keys and values (None without a
+    cache); `cross_kvs=None` projects them from `encoded_BxSxD` inside each layer.
+    """
     bias_BxHxQxK = self.relpos_bias(query_pos_BxQ, key_pos_BxK)
     cross_visible_BxQxS = jnp.broadcast_to(
         prompt_mask_BxS[:, None, :],
         (y_BxQxD.shape[0], y_BxQxD.shape[1], prompt_mask_BxS.shape[1]))
     y_BxQxD = self.dropout(y_BxQxD, deterministic=deterministic)
+    if self.dims.scan_layers:
+      (y_BxQxD, new_kvs, _), _ = self.layers(
+          (y_BxQxD, self_kv_caches, jnp.int32(0)), bias_BxHxQxK, self_visible_BxQxK,
+          cross_visible_BxQxS, encoded_BxSxD, cross_kvs, deterministic, write_index)
+      return self.dropout(self.final_norm(y_BxQxD), deterministic=deterministic), new_kvs
     new_kvs = []
     for i, layer in enumerate(self.layers):
       y_BxQxD, kv = layer(y_BxQxD, bias_BxHxQxK, self_visible_BxQxK, cross_kvs[i],
@@ -473,15 +568,16 @@ class T5Transformer(nn.Module):
 
   def decode(self, tokens_BxQ, query_pos_BxQ, key_pos_BxK, self_visible_BxQxK, cross_kvs,
              prompt_mask_BxS, deterministic, self_kv_caches=None, write_index=None,
-             return_hidden=False):
+             return_hidden=False, encoded_BxSxD=None):
     """Returns (logits [B, Q, V] float32, per layer self-attention (keys, values)).
 
     With `return_hidden` the first item is the decoder's final-normed output [B, Q, D]
-    (compute dtype) instead; `head` maps it to the same logits.
+    (compute dtype) instead; `head` maps it to the same logits. See `Decoder` for the
+    scanned layouts and `encoded_BxSxD`.
     """
     y_BxQxD, kvs = self.decoder(self.token_embedder(tokens_BxQ), query_pos_BxQ, key_pos_BxK,
                                 self_visible_BxQxK, cross_kvs, prompt_mask_BxS, deterministic,
-                                self_kv_caches, write_index)
+                                self_kv_caches, write_index, encoded_BxSxD)
     if return_hidden:
       return layers.constrain(y_BxQxD, layers.BATCH_LENGTH_EMBED), kvs
     return self.head(y_BxQxD), kvs
@@ -507,6 +603,11 @@ class T5Transformer(nn.Module):
     With `return_hidden`: the decoder's final-normed output [B, T, D] instead (see `decode`).
     """
     encoded_BxSxD = self.encode(prompt_BxS, prompt_mask_BxS, deterministic)
+    if self.dims.scan_layers:  # each scanned layer projects its own cross keys and values
+      out, _ = self.decode(tokens_BxT, positions_BxT, positions_BxT, visible_BxTxT, None,
+                           prompt_mask_BxS, deterministic, return_hidden=return_hidden,
+                           encoded_BxSxD=encoded_BxSxD)
+      return out
     cross_kvs = self.cross_keys_values(encoded_BxSxD)
     out, _ = self.decode(tokens_BxT, positions_BxT, positions_BxT, visible_BxTxT, cross_kvs,
                          prompt_mask_BxS, deterministic, return_hidden=return_hidden)
@@ -548,14 +649,28 @@ class T5LM(lm_lib.LanguageModel):
     "cross_keys", "cross_values": per decoder layer [B, H, S, Dh], from the encoder run once.
     "positions": [B, 1 + N] int32 decoder positions (start token 0, slot j its position + 1).
     "prompt_mask": [B, S] bool.
+  With `scan_layers` each of the four key/value entries is one stack [B, L, H, ., Dh] instead of
+  a tuple of L arrays.
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
     self.dims = dims_from_config(config)
+    self.config = layer_stack.with_layer_options(config, "T5")
     self.vocab_size = self.dims.vocab_size
     self.start_id = int(config.decoder_start_token_id)
     self.module = T5Transformer(self.dims)
+
+  def _split_kvs(self, kvs):
+    """The decoder's keys/values -> (keys, values) cache entries (tuples, or stacks if scanned)."""
+    if self.dims.scan_layers:
+      return kvs
+    return tuple(k for k, _ in kvs), tuple(v for _, v in kvs)
+
+  def _join_kvs(self, keys, values):
+    """Inverse of `_split_kvs`."""
+    if self.dims.scan_layers:
+      return keys, values
+    return tuple(zip(keys, values))
 
   def _deterministic(self, dropout_rng):
     return dropout_rng is None or self.dims.dropout_rate == 0.0
@@ -642,19 +757,26 @@ class T5LM(lm_lib.LanguageModel):
     encoded = self.module.apply(variables, prompt.astype(jnp.int32), prompt_mask, True,
                                 method=T5Transformer.encode)
     cross_kvs = self.module.apply(variables, encoded, method=T5Transformer.cross_keys_values)
-    empty = jnp.zeros((batch_size, d.num_heads, 1 + max_new_tokens, d.head_dim), d.dtype)
-    empty_kvs = tuple((empty, empty) for _ in range(d.num_decoder_layers))
+    if d.scan_layers:
+      empty = jnp.zeros((batch_size, d.num_decoder_layers, d.num_heads, 1 + max_new_tokens,
+                         d.head_dim), d.dtype)
+      empty_kvs = (empty, empty)
+    else:
+      empty = jnp.zeros((batch_size, d.num_heads, 1 + max_new_tokens, d.head_dim), d.dtype)
+      empty_kvs = tuple((empty, empty) for _ in range(d.num_decoder_layers))
     positions_BxK = jnp.zeros((batch_size, 1 + max_new_tokens), jnp.int32)
     visible_Bx1xK = jnp.zeros((batch_size, 1, 1 + max_new_tokens), bool).at[:, :, 0].set(True)
     logits_Bx1xV, kvs = self.module.apply(
         variables, jnp.full((batch_size, 1), self.start_id, jnp.int32),
         jnp.zeros((batch_size, 1), jnp.int32), positions_BxK, visible_Bx1xK, cross_kvs,
         prompt_mask, True, empty_kvs, jnp.int32(0), method=T5Transformer.decode)
+    self_keys, self_values = self._split_kvs(kvs)
+    cross_keys, cross_values = self._split_kvs(cross_kvs)
     cache = {
-        "self_keys": tuple(k for k, _ in kvs),
-        "self_values": tuple(v for _, v in kvs),
-        "cross_keys": tuple(k for k, _ in cross_kvs),
-        "cross_values": tuple(v for _, v in cross_kvs),
+        "self_keys": self_keys,
+        "self_values": self_values,
+        "cross_keys": cross_keys,
+        "cross_values": cross_values,
         "positions": positions_BxK,
         "prompt_mask": prompt_mask,
     }
@@ -685,14 +807,13 @@ class T5LM(lm_lib.LanguageModel):
                                                         axis=1)
     visible_Bx1xK = jnp.concatenate([jnp.ones((batch_size, 1), bool), visible.astype(bool)],
                                     axis=1)[:, None, :]
-    cross_kvs = tuple(zip(cache["cross_keys"], cache["cross_values"]))
-    self_kvs = tuple(zip(cache["self_keys"], cache["self_values"]))
+    cross_kvs = self._join_kvs(cache["cross_keys"], cache["cross_values"])
+    self_kvs = self._join_kvs(cache["self_keys"], cache["self_values"])
     logits_Bx1xV, kvs = self.module.apply(
         {"params": params}, token.astype(jnp.int32)[:, None], query_pos_Bx1, positions_BxK,
         visible_Bx1xK, cross_kvs, cache["prompt_mask"], True, self_kvs, write_index,
         method=T5Transformer.decode)
     new_cache = dict(cache)
-    new_cache["self_keys"] = tuple(k for k, _ in kvs)
-    new_cache["self_values"] = tuple(v for _, v in kvs)
+    new_cache["self_keys"], new_cache["self_values"] = self._split_kvs(kvs)
     new_cache["positions"] = positions_BxK
     return logits_Bx1xV[:, 0], new_cache

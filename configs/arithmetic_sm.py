@@ -2,6 +2,8 @@
 
   python -m jaxsi.train --config=configs/arithmetic_sm.py --workdir=runs/sm
   python -m jaxsi.train --config=configs/arithmetic_sm.py:tiny --workdir=/tmp/sm   # seconds
+  python -m jaxsi.tools.sm_sweep --config=configs/arithmetic_sm.py:small --workdir=runs/sm_sweep \
+      --seeds=0,1,2 --noise=0,0.1,0.2   # MLE vs BC vs SM, the README table (CPU minutes)
 
 Spec: spec/sequencematch.md (Cundy & Ermon, ICLR 2024). The model gains a <bksp> action (id 98,
 the first padding row of the 128-wide head after the char tokenizer's 98 ids); data responses
@@ -17,7 +19,9 @@ ratio of BC to anneal steps, warmup 100.
 Noise knobs: --config.objective.noise_prob=0.2 (0 = plain BC data), --config.objective.noise=
 random|task ("task" inserts a wrong digit or sign, "random" any token).
 
-Variants: "" (GPT-2-style decoder, the demo), "tiny" (a few steps; tests and smoke runs).
+Variants: "" (GPT-2-style decoder, the demo), "small" (2 layers, 1,000 steps of batch 32, the
+first 500 BC, β annealed over 100: the README's CPU reproduction, under a CPU-minute per run),
+"tiny" (a few steps; tests and smoke runs).
 """
 
 import ml_collections
@@ -28,7 +32,7 @@ from jaxsi.data import tokenizers
 from jaxsi.models import decoder
 from jaxsi.objectives import sequencematch
 
-VARIANTS = ("", "tiny")
+VARIANTS = ("", "small", "tiny")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -82,6 +86,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 200
   config.eval.max_new_tokens = data.max_response_len
 
+  if variant == "small":
+    model.num_layers = 2
+    steps.set(1000)
+    config.train.batch_size = 32
+    config.objective.bc_steps = 500
+    config.objective.anneal_steps = 100
   if variant == "tiny":
     model.d_model = 32
     model.num_layers = 2

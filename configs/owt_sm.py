@@ -3,6 +3,8 @@
   python -m jaxsi.train --config=configs/owt_sm.py --workdir=gs://bucket/owt_sm \
       --config.data.files='("/data/openwebtext/*.txt",)'
   python -m jaxsi.train --config=configs/owt_sm.py:tiny --workdir=/tmp/owt_sm     # CPU, offline
+  python -m jaxsi.tools.sm_sweep --config=configs/owt_sm.py:small --workdir=runs/sm_text \
+      --seeds=0,1,2 --noise=0.05      # MLE vs BC vs SM diversity, offline, minutes on a CPU
 
 Spec: spec/sequencematch.md, text experiments: prompts of 256 tokens, 256 generated, sampled at
 temperature 1 with top-p 1 (training samples and evals alike); k = 1,000 BC steps, β annealed
@@ -20,6 +22,11 @@ Variants:
   "llama"       Llama-2-7B ("meta-llama/Llama-2-7b-hf"; full fine-tuning in bfloat16 on a pod:
                 the paper's QLoRA adapters are not part of jaxsi).
   "tiny"        a random 2-layer decoder on generated lines with the char tokenizer (seconds).
+  "small"       a random 2-layer decoder (width 64) on the offline grammar corpus
+                (`jaxsi.data.grammar_corpus`, 4,000 documents) with the char tokenizer:
+                prompts of 31 characters, continuations of 64, 1,000 steps of batch 24 with
+                the first half BC; the README's CPU reproduction of the diversity metrics.
+                Evals score 100 held-out continuations.
 Settings marked "our choice" are not in the paper: 10,000 steps, batch 32, AdamW at 5e-5
 (GPT-2) / 1e-5 (Llama), noise_prob 0.05 of random tokens, a buffer of 1,024 sequences refreshed
 every 100 steps.
@@ -32,7 +39,7 @@ from jaxsi.data import text_files
 from jaxsi.models import decoder
 from jaxsi.objectives import sequencematch
 
-VARIANTS = ("", "gpt2", "gpt2_medium", "llama", "tiny")
+VARIANTS = ("", "gpt2", "gpt2_medium", "llama", "tiny", "small")
 _CHECKPOINTS = {"gpt2": "gpt2", "gpt2_medium": "gpt2-medium",
                 "llama": "meta-llama/Llama-2-7b-hf"}
 
@@ -55,18 +62,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r} of owt_sm.py; choose from {VARIANTS[1:]}.")
   tiny = variant == "tiny"
+  small = variant == "small"
 
   data = text_files.default_data_config()
   data.source = "files"
   data.files = ("data/openwebtext/*.txt",)
   data.document_per = "file"
-  data.tokenizer = _CHECKPOINTS.get(variant, "gpt2")
+  data.tokenizer = "char" if small else _CHECKPOINTS.get(variant, "gpt2")
   data.max_prompt_len = 256
   data.max_response_len = 256
 
   model = _model(variant)
   config = config_lib.base_config(model=model, data=data)
-  config.init_from = _CHECKPOINTS.get(variant, "")
+  config.init_from = "" if small else _CHECKPOINTS.get(variant, "")
 
   config.objective = sequencematch.default_objective_config()
   config.objective.noise = "random"
@@ -123,4 +131,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 1
     config.eval.num_examples = 8
     config.eval.batch_size = 8
+  if small:
+    data.source = "grammar"
+    data.num_generated = 4_000
+    data.max_prompt_len = 32  # BOS + 31 characters
+    data.max_response_len = 64
+    data.eval_size = 100
+    # The first 98 ids are the char tokenizer's; <bksp> takes 98, the head stays 128 wide.
+    model.update(vocab_size=128, num_real_tokens=98, d_model=64, num_layers=2, num_heads=2,
+                 num_kv_heads=2, head_dim=32, d_ff=256, max_len=192)
+    config.objective.bc_steps = 500
+    config.objective.anneal_steps = 100
+    config.objective.sample_every = 20
+    config.objective.buffer_size = 256
+    steps.set(1_000)
+    config.train.batch_size = 24
+    config.train.eval_every = 0
+    config.train.checkpoint_every = 500
+    config.optim.lr = 3e-3
+    config.optim.warmup_steps = 50
+    config.eval.num_examples = 100
+    config.eval.batch_size = 100
   return config

@@ -91,3 +91,46 @@ def test_metrics_reject_mismatched_empty_or_non_text_inputs(metric):
     metric([], [])
   with pytest.raises(ValueError, match="The prediction at index 0 is a list, not a str"):
     metric([[1, 2]], ["a"])
+
+
+# ------------------------------------------------------------------ n-gram diversity metrics
+
+GENERATIONS = ["the cat sat on the cat sat", "a b a b a b", "one", "the cat ran"]
+
+
+def _ngram_ids(text, n):
+  """[number of n-grams] ids of a text's word n-grams (a NumPy reference, via np.unique)."""
+  words = np.array(text.split(), dtype=object)
+  if len(words) < n:
+    return np.zeros((0, n), dtype=object)
+  return np.stack([words[i:len(words) - n + 1 + i] for i in range(n)], axis=1)
+
+
+def test_distinct_n_matches_a_numpy_reference_and_hand_values():
+  result = metrics.distinct_n(GENERATIONS)
+  for n in (1, 2, 3, 4):
+    grams = np.concatenate([_ngram_ids(t, n) for t in GENERATIONS]).astype(str)
+    expected = len(np.unique(grams, axis=0)) / len(grams)
+    assert result[f"distinct_{n}"] == pytest.approx(expected)
+  # By hand: 7 + 6 + 1 + 3 = 17 words, 8 distinct (the, cat, sat, on, a, b, one, ran);
+  # 6 + 5 + 0 + 2 = 13 bigrams, 7 distinct (the-cat, cat-sat, sat-on, on-the, a-b, b-a, cat-ran).
+  assert result["distinct_1"] == pytest.approx(8 / 17)
+  assert result["distinct_2"] == pytest.approx(7 / 13)
+  assert metrics.distinct_n(["x"], ns=(2,)) == {"distinct_2": 0.0}
+
+
+def test_repetition_matches_a_numpy_reference_and_hand_values():
+  result = metrics.repetition(GENERATIONS)
+  for n in (1, 2, 3, 4):
+    rates = [1 - len(np.unique(g.astype(str), axis=0)) / len(g)
+             for g in (_ngram_ids(t, n) for t in GENERATIONS) if len(g)]
+    assert result[f"rep_{n}"] == pytest.approx(np.mean(rates))
+  # By hand, bigrams: "the cat sat on the cat sat" repeats 2 of 6 (the-cat, cat-sat again),
+  # "a b a b a b" 3 of 5, "one" has none (skipped), "the cat ran" 0 of 2.
+  assert result["rep_2"] == pytest.approx((2 / 6 + 3 / 5 + 0) / 3)
+  assert metrics.repetition(["a a a a"], ns=(1, 4)) == {"rep_1": 0.75, "rep_4": 0.0}
+  assert metrics.repetition(["x y"], ns=(3,)) == {"rep_3": 0.0}
+  with pytest.raises(ValueError, match="not a str"):
+    metrics.repetition([3])
+  with pytest.raises(ValueError, match="no generations"):
+    metrics.distinct_n([])

@@ -14,6 +14,9 @@ Documents come from (`data.source`):
   "tfds":      a TFDS dataset with a text feature (`tfds_name`, `text_field`; e.g. "c4/en"),
                train and eval splits as in `jaxsi.data.tfds_tasks`.
   "generated": `num_generated` short synthetic sentences from a seed (tests, smoke runs).
+  "grammar":   `num_generated` documents of a small probabilistic English-like grammar
+               (`jaxsi.data.grammar_corpus`): offline text with structure, for CPU
+               reproductions of the diversity metrics.
 
 Reading order: row r of the global batch of step s is train document
 `permutation(seed, epoch)[g % N]` with g = s * batch_size + r, epoch = g // N, so batches are
@@ -21,8 +24,9 @@ a pure function of (config, step).
 
 Score (no reference text is needed): "diversity" (the headline), the product over n = 2, 3, 4 of
 distinct/total word n-grams per prediction, averaged over predictions (1 = no repetition);
-"entropy4", the entropy in nats of the 4-gram distribution pooled over all predictions; and
-"mean_words".
+"entropy4", the entropy in nats of the 4-gram distribution pooled over all predictions;
+"mean_words"; and distinct-n and the repetition rate rep-n for n = 1..4
+(`jaxsi.evals.metrics.distinct_n`, `repetition`).
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from jaxsi.data import grammar_corpus
 from jaxsi.data import tasks
 from jaxsi.data import tokenizers
+from jaxsi.evals import metrics
 
 NAME = "text_continuation"
-SOURCES = ("files", "tfds", "generated")
+SOURCES = ("files", "tfds", "generated", "grammar")
 DOCUMENT_PER = ("line", "file")
 
 _WORDS = ("the", "a", "river", "city", "light", "old", "new", "quietly", "runs", "sees",
@@ -57,7 +63,7 @@ def default_data_config(name: str = NAME) -> ml_collections.ConfigDict:
     files: glob patterns of local text files (source="files").
     document_per: "line" or "file" (source="files").
     tfds_name, text_field, train_split, eval_split, data_dir, download: source="tfds".
-    num_generated: number of synthetic documents (source="generated").
+    num_generated: number of synthetic documents (source="generated" or "grammar").
     tokenizer: "char" or a Hugging Face tokenizer ("gpt2", a Llama tokenizer, a path).
     max_prompt_len, max_response_len: the batch widths S and T (paper: 256 and 256).
     seed: the train order's seed (and the generated documents').
@@ -169,6 +175,8 @@ class TextContinuationTask(tasks.Task):
       return load(config.train_split), load(config.eval_split)
     if config.source == "files":
       documents = _read_files(config.files, config.document_per)
+    elif config.source == "grammar":
+      documents = grammar_corpus.documents(config.num_generated, config.seed)
     else:
       documents = generated_documents(config.num_generated, config.seed)
     held_out = min(self.eval_size, len(documents) // 2)
@@ -225,6 +233,10 @@ class TextContinuationTask(tasks.Task):
 
   def score(self, predictions: Sequence[str],
             examples: Sequence[tasks.Example]) -> dict[str, float]:
-    """{"diversity", "entropy4", "mean_words"} of the predictions (see `diversity`)."""
+    """{"diversity", "entropy4", "mean_words", "distinct_{n}", "rep_{n}"} of the predictions.
+
+    See `diversity` and `jaxsi.evals.metrics.distinct_n` / `repetition` (n = 1..4).
+    """
     tasks.check_predictions(predictions, examples)
-    return diversity(predictions)
+    return {**diversity(predictions), **metrics.distinct_n(predictions),
+            **metrics.repetition(predictions)}

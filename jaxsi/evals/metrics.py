@@ -1,9 +1,17 @@
-"""Text metrics for eval: ROUGE, BLEU, exact match and GSM8K final-answer accuracy.
+"""Text metrics for eval: ROUGE, BLEU, exact match, GSM8K accuracy, n-gram diversity.
 
-Every metric takes parallel lists of predictions and references (one reference per
-prediction) and returns a dict of floats, so a task's `score` can merge several. ROUGE and
-BLEU come from rouge-score and sacrebleu and are on their usual 0-100 scale; exact match and
-GSM8K accuracy are shares in [0, 1], like the arithmetic task's accuracy.
+Every reference-based metric takes parallel lists of predictions and references (one
+reference per prediction) and returns a dict of floats, so a task's `score` can merge several.
+ROUGE and BLEU come from rouge-score and sacrebleu and are on their usual 0-100 scale; exact
+match and GSM8K accuracy are shares in [0, 1], like the arithmetic task's accuracy.
+
+The diversity metrics of free generations need no reference; they count whitespace-separated
+word n-grams (1-4) and are shares in [0, 1]:
+  distinct-n (Li et al., 2016): distinct n-grams / all n-grams, pooled over the generations
+    (1 = no n-gram occurs twice anywhere);
+  repetition rate rep-n (seq-rep-n of Welleck et al., 2020): per generation, the share of its
+    n-grams that repeat an earlier one, 1 − distinct / all, averaged over the generations that
+    have at least one n-gram (0 = no generation repeats itself).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # decimals. A trailing "." (end of sentence) is not part of the number.
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _ANSWER_MARKER = "####"
+DIVERSITY_NS = (1, 2, 3, 4)
 
 
 def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
@@ -119,3 +128,60 @@ def gsm8k_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dic
     expected = gsm8k_answer(reference)
     correct.append(expected is not None and gsm8k_answer(prediction) == expected)
   return {"accuracy": float(np.mean(correct))}
+
+
+def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+  return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def _check_texts(predictions: Sequence[str]) -> list[list[str]]:
+  """The predictions split into words; a ValueError unless a non-empty list of strings."""
+  if not predictions:
+    raise ValueError("Got no generations; pass at least one text.")
+  for index, text in enumerate(predictions):
+    if not isinstance(text, str):
+      raise ValueError(f"The generation at index {index} is a {type(text).__name__}, not a "
+                       "str; decode token ids to text before scoring.")
+  return [text.split() for text in predictions]
+
+
+def distinct_n(predictions: Sequence[str], ns: Sequence[int] = DIVERSITY_NS
+               ) -> dict[str, float]:
+  """Distinct-n of N generations: distinct word n-grams / all word n-grams, pooled.
+
+  Args:
+    predictions: N generated texts (words are whitespace-separated).
+    ns: the n-gram orders.
+
+  Returns:
+    {"distinct_{n}"} for each n: |set of n-grams of all N texts| / (number of n-grams of all
+    N texts), in [0, 1]; 0 when no text has n words.
+  """
+  texts = _check_texts(predictions)
+  out = {}
+  for n in ns:
+    grams = [gram for words in texts for gram in _ngrams(words, n)]
+    out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+  return out
+
+
+def repetition(predictions: Sequence[str], ns: Sequence[int] = DIVERSITY_NS
+               ) -> dict[str, float]:
+  """Repetition rate rep-n of N generations: the share of each text's n-grams seen before in it.
+
+  Args:
+    predictions: N generated texts (words are whitespace-separated).
+    ns: the n-gram orders.
+
+  Returns:
+    {"rep_{n}"} for each n: the mean over the texts with at least n words of
+    1 − |set of the text's n-grams| / (number of its n-grams), in [0, 1); 0 when no text has
+    n words.
+  """
+  texts = _check_texts(predictions)
+  out = {}
+  for n in ns:
+    rates = [1.0 - len(set(grams)) / len(grams)
+             for grams in (_ngrams(words, n) for words in texts) if grams]
+    out[f"rep_{n}"] = float(np.mean(rates)) if rates else 0.0
+  return out

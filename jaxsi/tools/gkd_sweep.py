@@ -12,7 +12,6 @@ WORKDIR/results.json and WORKDIR/results.md (a table of mean ± sample std over 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -81,21 +80,9 @@ def markdown_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   from jaxsi import config as config_lib
-  parser = argparse.ArgumentParser(prog="python -m jaxsi.tools.gkd_sweep")
-  parser.add_argument("--config", required=True)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--methods", default=",".join(METHODS))
-  try:
-    rest, overrides = config_lib.split_overrides(sys.argv[1:] if argv is None else argv)
-  except config_lib.ConfigError as e:
-    parser.error(str(e))
-  args = parser.parse_args(rest)
-  methods = [m for m in args.methods.split(",") if m]
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
-  seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  from jaxsi.tools import sweep_args
+  parser = sweep_args.parser("python -m jaxsi.tools.gkd_sweep", "methods", METHODS)
+  args, overrides, methods, seeds = sweep_args.parse(parser, argv, "methods", METHODS)
 
   import jax
   from jaxsi import mesh as mesh_lib

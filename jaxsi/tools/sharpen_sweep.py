@@ -26,7 +26,6 @@ Rerunning the same command reuses every finished stage and eval.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -128,27 +127,9 @@ def markdown_tables(rows: dict, ns: Sequence[int], num_seeds: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   from jaxsi import config as config_lib  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="python -m jaxsi.tools.sharpen_sweep")
-  parser.add_argument("--config", required=True)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--variants", default=",".join(VARIANTS))
-  try:
-    rest, overrides = config_lib.split_overrides(sys.argv[1:] if argv is None else argv)
-  except config_lib.ConfigError as e:
-    parser.error(str(e))
-  args = parser.parse_args(rest)
-  variants = [v for v in args.variants.split(",") if v]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown or not variants:
-    parser.error(f"unknown variant {unknown[0] if unknown else ''!r}; choose from "
-                 f"{', '.join(VARIANTS)}.")
-  try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    parser.error(f"--seeds={args.seeds!r} is invalid; pass integers like 0,1,2.")
-  if not seeds:
-    parser.error("--seeds is empty; pass at least one seed, e.g. --seeds=0.")
+  from jaxsi.tools import sweep_args  # pylint: disable=g-import-not-at-top
+  parser = sweep_args.parser("python -m jaxsi.tools.sharpen_sweep", "variants", VARIANTS)
+  args, overrides, variants, seeds = sweep_args.parse(parser, argv, "variants", VARIANTS)
 
   import jax  # pylint: disable=g-import-not-at-top
   from jaxsi import mesh as mesh_lib  # pylint: disable=g-import-not-at-top

@@ -35,7 +35,6 @@ programs, so only the first seed pays for most compiles.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -278,34 +277,18 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   from jaxsi import config as config_lib  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="python -m jaxsi.tools.sm_sweep")
-  parser.add_argument("--config", required=True)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--seeds", default="0,1,2")
+  from jaxsi.tools import sweep_args  # pylint: disable=g-import-not-at-top
+  parser = sweep_args.parser("python -m jaxsi.tools.sm_sweep", "methods", METHODS)
   parser.add_argument("--noise", default="0,0.1,0.2",
                       help="noise_prob levels of the BC and SM arms (comma-separated)")
-  parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--compilation_cache", default=None,
                       help="persistent JAX compilation cache directory shared by the runs "
                            "(default WORKDIR/compilation_cache; '' turns it off)")
+  args, overrides, methods, seeds = sweep_args.parse(parser, argv, "methods", METHODS)
   try:
-    rest, overrides = config_lib.split_overrides(sys.argv[1:] if argv is None else argv)
-  except config_lib.ConfigError as e:
-    parser.error(str(e))
-  args = parser.parse_args(rest)
-  methods = [m for m in args.methods.split(",") if m]
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown or not methods:
-    parser.error(f"unknown method {unknown[0] if unknown else ''!r}; choose from "
-                 f"{', '.join(METHODS)}.")
-  try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     noises = [float(p) for p in args.noise.split(",") if p.strip()]
   except ValueError:
-    parser.error(f"--seeds={args.seeds!r} / --noise={args.noise!r} is invalid; pass numbers "
-                 "like --seeds=0,1,2 --noise=0,0.1,0.2.")
-  if not seeds:
-    parser.error("--seeds is empty; pass at least one seed, e.g. --seeds=0.")
+    parser.error(f"--noise={args.noise!r} is invalid; pass numbers like --noise=0,0.1,0.2.")
   if any(not 0 <= p < 1 for p in noises) or (not noises and methods != ["mle"]):
     parser.error(f"--noise={args.noise!r} needs levels in [0, 1), e.g. --noise=0,0.1,0.2.")
 

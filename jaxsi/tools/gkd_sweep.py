@@ -12,7 +12,6 @@ WORKDIR/results.json and WORKDIR/results.md (a table of mean ± sample std over 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -79,20 +78,16 @@ def markdown_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from jaxsi import config as config_lib
-  from jaxsi.tools import sweep_args
-  parser = sweep_args.parser("python -m jaxsi.tools.gkd_sweep", "methods", METHODS)
-  args, overrides, methods, seeds = sweep_args.parse(parser, argv, "methods", METHODS)
+  from jaxsi.tools import sweep_cli
+  parser = sweep_cli.parser("python -m jaxsi.tools.gkd_sweep", "methods", METHODS)
+  args, overrides, methods, seeds = sweep_cli.parse(parser, argv, "methods", METHODS)
 
-  import jax
   from jaxsi import mesh as mesh_lib
   from jaxsi import pipeline
   from jaxsi import trainer
   mesh_lib.maybe_initialize_distributed()
-  try:
-    config = config_lib.load(args.config, overrides)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+  config = sweep_cli.load_config(args.config, overrides)
+  if config is None:
     return 2
 
   stages = pipeline.stages(config, args.workdir)
@@ -117,13 +112,7 @@ def main(argv: list[str] | None = None) -> int:
       for m in METRICS:
         row[m].append(metrics[m])
     results["rows"][method] = row
-  if jax.process_index() == 0:
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    table = markdown_table(results)
-    with open(os.path.join(args.workdir, "results.md"), "w") as f:
-      f.write(table + "\n")
-    print(table)
+  sweep_cli.write_results(args.workdir, results, markdown_table(results))
   return 0
 
 

@@ -26,7 +26,6 @@ Rerunning the same command reuses every finished stage and eval.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -127,20 +126,17 @@ def markdown_tables(rows: dict, ns: Sequence[int], num_seeds: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   from jaxsi import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxsi.tools import sweep_args  # pylint: disable=g-import-not-at-top
-  parser = sweep_args.parser("python -m jaxsi.tools.sharpen_sweep", "variants", VARIANTS)
-  args, overrides, variants, seeds = sweep_args.parse(parser, argv, "variants", VARIANTS)
+  from jaxsi.tools import sweep_cli  # pylint: disable=g-import-not-at-top
+  parser = sweep_cli.parser("python -m jaxsi.tools.sharpen_sweep", "variants", VARIANTS)
+  args, overrides, variants, seeds = sweep_cli.parse(parser, argv, "variants", VARIANTS)
 
-  import jax  # pylint: disable=g-import-not-at-top
   from jaxsi import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from jaxsi import pipeline  # pylint: disable=g-import-not-at-top
   from jaxsi import trainer  # pylint: disable=g-import-not-at-top
   from jaxsi.evals import best_of_n  # pylint: disable=g-import-not-at-top
   mesh_lib.maybe_initialize_distributed()
-  try:
-    config = config_lib.load(args.config, overrides)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+  config = sweep_cli.load_config(args.config, overrides)
+  if config is None:
     return 2
   if not pipeline.is_sharpening(config) or not best_of_n.enabled(config):
     print("error: the sweep needs a sharpening config with eval.best_of_n.ns set (e.g. "
@@ -169,13 +165,7 @@ def main(argv: list[str] | None = None) -> int:
   ns = best_of_n.check_ns(config.eval.best_of_n.ns)
   results = {"config": args.config, "overrides": overrides, "seeds": seeds,
              "variants": variants, "ns": list(ns), "rows": rows}
-  if jax.process_index() == 0:
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    table = markdown_tables(rows, ns, len(seeds))
-    with open(os.path.join(args.workdir, "results.md"), "w") as f:
-      f.write(table + "\n")
-    print(table)
+  sweep_cli.write_results(args.workdir, results, markdown_tables(rows, ns, len(seeds)))
   return 0
 
 

@@ -276,15 +276,14 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from jaxsi import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxsi.tools import sweep_args  # pylint: disable=g-import-not-at-top
-  parser = sweep_args.parser("python -m jaxsi.tools.sm_sweep", "methods", METHODS)
+  from jaxsi.tools import sweep_cli  # pylint: disable=g-import-not-at-top
+  parser = sweep_cli.parser("python -m jaxsi.tools.sm_sweep", "methods", METHODS)
   parser.add_argument("--noise", default="0,0.1,0.2",
                       help="noise_prob levels of the BC and SM arms (comma-separated)")
   parser.add_argument("--compilation_cache", default=None,
                       help="persistent JAX compilation cache directory shared by the runs "
                            "(default WORKDIR/compilation_cache; '' turns it off)")
-  args, overrides, methods, seeds = sweep_args.parse(parser, argv, "methods", METHODS)
+  args, overrides, methods, seeds = sweep_cli.parse(parser, argv, "methods", METHODS)
   try:
     noises = [float(p) for p in args.noise.split(",") if p.strip()]
   except ValueError:
@@ -301,10 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   mesh_lib.maybe_initialize_distributed()
-  try:
-    config = config_lib.load(args.config, overrides)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+  config = sweep_cli.load_config(args.config, overrides)
+  if config is None:
     return 2
   if config.objective.name != "sequencematch":
     print(f"error: the sweep needs a SequenceMatch config (objective.name='sequencematch'), got "
@@ -331,13 +328,8 @@ def main(argv: list[str] | None = None) -> int:
              "cpu_minutes": {"runs": run_cpu / 60,
                              "num_runs": sum(len(runs) for runs in per_seed.values()),
                              "this_process": time.process_time() / 60}}
+  sweep_cli.write_results(args.workdir, results, markdown(results))
   if jax.process_index() == 0:
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    text = markdown(results)
-    with open(os.path.join(args.workdir, "results.md"), "w") as f:
-      f.write(text + "\n")
-    print(text)
     print(f"This invocation: {results['cpu_minutes']['this_process']:.1f} CPU-minutes "
           "(time.process_time, imports and reused runs included).")
   return 0

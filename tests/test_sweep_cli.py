@@ -1,14 +1,14 @@
-"""The sweep tools' shared command line (jaxsi.tools.sweep_args)."""
+"""The sweep tools' shared command line (jaxsi.tools.sweep_cli)."""
 
 import pytest
 
-from jaxsi.tools import sweep_args
+from jaxsi.tools import sweep_cli
 
 ARMS = ("sft", "bc", "sm")
 
 
 def _parse(*argv):
-  return sweep_args.parse(sweep_args.parser("sweep", "methods", ARMS), list(argv), "methods",
+  return sweep_cli.parse(sweep_cli.parser("sweep", "methods", ARMS), list(argv), "methods",
                           ARMS)
 
 

@@ -1,8 +1,12 @@
-"""The command line every sweep tool shares: config, workdir, seeds, which arms, overrides.
+"""What every sweep tool's command line shares: its flags, loading the config, writing results.
 
-  parser = sweep_args.parser("python -m jaxsi.tools.gkd_sweep", "methods", METHODS)
+  parser = sweep_cli.parser("python -m jaxsi.tools.gkd_sweep", "methods", METHODS)
   parser.add_argument(...)                     # the tool's own flags
-  args, overrides, arms, seeds = sweep_args.parse(parser, argv, "methods", METHODS)
+  args, overrides, arms, seeds = sweep_cli.parse(parser, argv, "methods", METHODS)
+
+  config = sweep_cli.load_config(args.config, overrides)   # None after printing the error
+  ...
+  sweep_cli.write_results(args.workdir, results, markdown_text)   # process 0 only
 
 `--config.KEY=VALUE` overrides are split off first (`jaxsi.config.split_overrides`) and passed
 to every run of the sweep. Bad values end the program through `parser.error` with one sentence.
@@ -11,8 +15,10 @@ to every run of the sweep. Bad values end the program through `parser.error` wit
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def parser(prog: str, arms_flag: str, arms: Sequence[str]) -> argparse.ArgumentParser:
@@ -51,3 +57,25 @@ def parse(parser_: argparse.ArgumentParser, argv: list[str] | None, arms_flag: s
   if not seeds:
     parser_.error("--seeds is empty; pass at least one seed, e.g. --seeds=0.")
   return args, overrides, chosen, seeds
+
+
+def load_config(spec: str, overrides: list) -> Any:
+  """The resolved config, or None after printing `error: <one sentence>` to stderr."""
+  from jaxsi import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return config_lib.load(spec, overrides)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return None
+
+
+def write_results(workdir: str, results: dict[str, Any], text: str) -> None:
+  """On process 0: WORKDIR/results.json (`results`), WORKDIR/results.md (`text`), then prints it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text + "\n")
+  print(text)

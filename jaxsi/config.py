@@ -176,6 +176,26 @@ def base_config(*, model: ml_collections.ConfigDict, data: ml_collections.Config
   return config
 
 
+def check_keys(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, *,
+               owner: str, start_from: str) -> None:
+  """Raises a ValueError unless `config` has exactly the keys of `defaults` (top level).
+
+  Args:
+    config: a section of a config, e.g. an objective.
+    defaults: the section's defaults, whose keys are the valid ones.
+    owner: the section's name for the message, e.g. "GKD".
+    start_from: the function that builds `defaults`, named in the message.
+  """
+  expected = set(defaults.keys())
+  unknown = sorted(set(config.keys()) - expected)
+  if unknown:
+    raise ValueError(f"{owner} config has unknown keys {unknown}; valid keys are "
+                     f"{sorted(expected)}.")
+  missing = sorted(expected - set(config.keys()))
+  if missing:
+    raise ValueError(f"{owner} config lacks keys {missing}; start from {start_from}().")
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
   """Separates `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides from other arguments.
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from jaxsi import config as config_lib
 from jaxsi.models import lm as lm_lib
 from jaxsi.objectives import chunked
 from jaxsi.objectives import divergences
@@ -139,14 +140,8 @@ def _check_range(key: str, value: Any, low: float, high: float, *, low_open: boo
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first bad value of a GKD config (after its preset)."""
-  expected = set(default_objective_config().keys())
-  unknown = sorted(set(cfg.keys()) - expected)
-  if unknown:
-    raise ValueError(f"GKD config has unknown keys {unknown}; valid keys are {sorted(expected)}.")
-  missing = sorted(expected - set(cfg.keys()))
-  if missing:
-    raise ValueError(f"GKD config lacks keys {missing}; start from "
-                     "jaxsi.objectives.gkd.default_objective_config().")
+  config_lib.check_keys(cfg, default_objective_config(), owner="GKD",
+                        start_from="jaxsi.objectives.gkd.default_objective_config")
   if cfg.name != "gkd":
     raise ValueError(f"GKD config has name={cfg.name!r}; expected 'gkd'.")
   if cfg.preset not in _PRESETS:

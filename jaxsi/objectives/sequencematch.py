@@ -82,6 +82,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from jaxsi import config as config_lib
 from jaxsi.models import lm as lm_lib
 from jaxsi.models import vocab as vocab_lib
 
@@ -183,15 +184,8 @@ def _check_weighting(weighting: str, terminal: str, gamma: float) -> None:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first bad value of a SequenceMatch config."""
-  expected = set(default_objective_config().keys())
-  unknown = sorted(set(cfg.keys()) - expected)
-  if unknown:
-    raise ValueError(f"SequenceMatch config has unknown keys {unknown}; valid keys are "
-                     f"{sorted(expected)}.")
-  missing = sorted(expected - set(cfg.keys()))
-  if missing:
-    raise ValueError(f"SequenceMatch config lacks keys {missing}; start from "
-                     "jaxsi.objectives.sequencematch.default_objective_config().")
+  config_lib.check_keys(cfg, default_objective_config(), owner="SequenceMatch",
+                        start_from="jaxsi.objectives.sequencematch.default_objective_config")
   if cfg.name != "sequencematch":
     raise ValueError(f"SequenceMatch config has name={cfg.name!r}; expected 'sequencematch'.")
   _check_weighting(cfg.weighting, cfg.terminal, cfg.gamma)

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from jaxsi import config as config_lib
 from jaxsi import partitioning
 from jaxsi import sampling
 from jaxsi.models import lm as lm_lib
@@ -116,15 +117,8 @@ def check_adaptive(k: Any, delta: Any, n_max: Any) -> None:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first bad value of a sharpening config."""
-  expected = set(default_objective_config().keys())
-  unknown = sorted(set(cfg.keys()) - expected)
-  if unknown:
-    raise ValueError(f"Sharpening config has unknown keys {unknown}; valid keys are "
-                     f"{sorted(expected)}.")
-  missing = sorted(expected - set(cfg.keys()))
-  if missing:
-    raise ValueError(f"Sharpening config lacks keys {missing}; start from "
-                     "jaxsi.objectives.sharpening.default_objective_config().")
+  config_lib.check_keys(cfg, default_objective_config(), owner="Sharpening",
+                        start_from="jaxsi.objectives.sharpening.default_objective_config")
   if cfg.name != "sharpening":
     raise ValueError(f"Sharpening config has name={cfg.name!r}; expected 'sharpening'.")
   if cfg.mode not in MODES:

@@ -94,7 +94,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError with one sentence naming the first bad value in `cfg`."""
   expected = set(default_config().keys())  # every variant has the same keys
   # Configs stored before the layer options existed lack them (`layer_stack.layer_options`).
-  missing = sorted(expected - set(cfg.keys()) - {"remat_policy", "scan_layers"})
+  missing = sorted(expected - set(cfg.keys()) - layer_stack.OPTION_KEYS)
   if missing:
     raise ValueError(f"Decoder config lacks keys {missing}; start from "
                      "jaxsi.models.decoder.default_config().")

@@ -33,6 +33,8 @@ import numpy as np
 from jaxsi.models import remat
 
 STACKED = "layers"  # name of a scanned stack's subtree and of its logical axis
+# Model config keys that configs stored before they existed may lack (see `layer_options`).
+OPTION_KEYS = frozenset({"remat_policy", "scan_layers"})
 
 
 class LayerGroup(NamedTuple):
@@ -68,7 +70,7 @@ def with_layer_options(config: ml_collections.ConfigDict, family: str
                        ) -> ml_collections.ConfigDict:
   """`config` itself, or a copy with the defaults of the layer options it lacks (old runs)."""
   policy, scan = layer_options(config, family)
-  if "remat_policy" in config and "scan_layers" in config:
+  if OPTION_KEYS <= set(config.keys()):
     return config
   filled = copy.deepcopy(config)
   with filled.unlocked():

@@ -134,7 +134,7 @@ def dims_from_config(config: ml_collections.ConfigDict) -> T5Dims:
   """
   # Configs stored before the layer options existed lack them (`layer_stack.layer_options`).
   missing = sorted(set(default_config().keys()) - set(config.keys())
-                   - {"remat_policy", "scan_layers"})
+                   - layer_stack.OPTION_KEYS)
   if missing:
     raise ValueError(f"T5 config lacks the keys {missing}; start from "
                      "jaxsi.models.t5.default_config().")

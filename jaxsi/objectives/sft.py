@@ -123,6 +123,18 @@ def nll_loss(per_token: dict[str, jax.Array], mask_BxT: jax.Array, *,
   return loss, jax.tree.map(lambda x: jax.lax.stop_gradient(x).astype(jnp.float32), metrics)
 
 
+def _check_inputs(per_position_BxTxX: jax.Array, what: str, width: str, targets_BxT: jax.Array,
+                  mask_BxT: jax.Array, normalization: str) -> None:
+  """Raises a ValueError unless `what` [B, T, width], targets [B, T] and mask [B, T] fit."""
+  check_normalization(normalization)
+  if per_position_BxTxX.ndim != 3 or per_position_BxTxX.shape[:2] != targets_BxT.shape:
+    raise ValueError(f"{what} of shape {per_position_BxTxX.shape} do not fit targets of shape "
+                     f"{targets_BxT.shape}; expected [B, T, {width}] {what} for [B, T] targets.")
+  if mask_BxT.shape != targets_BxT.shape:
+    raise ValueError(f"mask of shape {mask_BxT.shape} does not match targets of shape "
+                     f"{targets_BxT.shape}.")
+
+
 def masked_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array, *,
                normalization: str = "sequence") -> tuple[jax.Array, dict[str, jax.Array]]:
   """Negative log-likelihood of `targets` under `logits`, over unmasked positions only.
@@ -144,13 +156,7 @@ def masked_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Ar
     whatever the normalization, so runs stay comparable), "token_accuracy"
     (argmax == target over unmasked tokens) and "num_tokens", all float32 scalars.
   """
-  check_normalization(normalization)
-  if logits_BxTxV.ndim != 3 or logits_BxTxV.shape[:2] != targets_BxT.shape:
-    raise ValueError(f"logits of shape {logits_BxTxV.shape} do not fit targets of shape "
-                     f"{targets_BxT.shape}; expected [B, T, V] logits for [B, T] targets.")
-  if mask_BxT.shape != targets_BxT.shape:
-    raise ValueError(f"mask of shape {mask_BxT.shape} does not match targets of shape "
-                     f"{targets_BxT.shape}.")
+  _check_inputs(logits_BxTxV, "logits", "V", targets_BxT, mask_BxT, normalization)
   return nll_loss(token_nll(logits_BxTxV, targets_BxT, mask_BxT), mask_BxT,
                   normalization=normalization)
 
@@ -176,13 +182,7 @@ def chunked_nll(lm: lm_lib.LanguageModel, params: Any, hidden_BxTxE: jax.Array,
   Returns:
     (loss [], metrics) as `masked_nll` returns them.
   """
-  check_normalization(normalization)
-  if hidden_BxTxE.ndim != 3 or hidden_BxTxE.shape[:2] != targets_BxT.shape:
-    raise ValueError(f"features of shape {hidden_BxTxE.shape} do not fit targets of shape "
-                     f"{targets_BxT.shape}; expected [B, T, E] features for [B, T] targets.")
-  if mask_BxT.shape != targets_BxT.shape:
-    raise ValueError(f"mask of shape {mask_BxT.shape} does not match targets of shape "
-                     f"{targets_BxT.shape}.")
+  _check_inputs(hidden_BxTxE, "features", "E", targets_BxT, mask_BxT, normalization)
 
   def chunk_nll(p, chunk):
     return token_nll(lm.head(p, chunk["hidden"]), chunk["targets"], chunk["mask"])

@@ -10,7 +10,8 @@ from jax.sharding import AxisType
 
 from jaxsi import partitioning, sampling
 from jaxsi.models import build, decoder, t5
-from jaxsi.models.lm import LanguageModel
+
+from delegating_lm import DelegatingLM  # tests/delegating_lm.py
 from jaxsi.objectives import sequencematch as sm
 
 B, S, N, T = 3, 6, 2, 5     # prompts, prompt width, samples per prompt, max_new_tokens
@@ -153,24 +154,15 @@ def test_backspace_never_deletes_the_prompt(model):
   assert np.abs(logits[:, 4, :real] - logits[:, 0, :real]).max() > 1e-3
 
 
-class FavoursBackspace(LanguageModel):
+class FavoursBackspace(DelegatingLM):
   """Delegates to a real model and adds 3 to the <bksp> logit, so samples backspace often."""
 
   def __init__(self, lm, backspace_id):
-    self.lm, self.config, self.vocab_size = lm, lm.config, lm.vocab_size
+    super().__init__(lm)
     self.bias = jnp.zeros((lm.vocab_size,)).at[backspace_id].set(3.0)
 
-  def init(self, rng):
-    return self.lm.init(rng)
-
-  def abstract_params(self):
-    return self.lm.abstract_params()
-
-  def param_axes(self):
-    return self.lm.param_axes()
-
   def logits(self, params, batch, *, dropout_rng=None):
-    return self.lm.logits(params, batch, dropout_rng=dropout_rng) + self.bias
+    return super().logits(params, batch, dropout_rng=dropout_rng) + self.bias
 
   def prefill(self, params, prompt, prompt_mask, max_new_tokens):
     logits, cache = self.lm.prefill(params, prompt, prompt_mask, max_new_tokens)

@@ -15,6 +15,8 @@ from jaxsi import partitioning, sampling
 from jaxsi.models import build, decoder, t5
 from jaxsi.models.lm import LanguageModel
 
+from delegating_lm import DelegatingLM  # tests/delegating_lm.py
+
 B, S, T, N = 3, 6, 6, 2
 PROMPT_LENGTHS = (6, 4, 1)
 
@@ -49,31 +51,16 @@ def make_prompt(vocab, batch=B, seed=0, lengths=PROMPT_LENGTHS):
 
 
 
-class CountingLM(LanguageModel):
+class CountingLM(DelegatingLM):
   """Delegates to a real model and records every `prefill` call (they happen while tracing)."""
 
   def __init__(self, lm):
-    self.lm, self.config, self.vocab_size = lm, lm.config, lm.vocab_size
+    super().__init__(lm)
     self.prefill_prompt_shapes = []
-
-  def init(self, rng):
-    return self.lm.init(rng)
-
-  def abstract_params(self):
-    return self.lm.abstract_params()
-
-  def param_axes(self):
-    return self.lm.param_axes()
-
-  def logits(self, params, batch, *, dropout_rng=None):
-    return self.lm.logits(params, batch, dropout_rng=dropout_rng)
 
   def prefill(self, params, prompt, prompt_mask, max_new_tokens):
     self.prefill_prompt_shapes.append(tuple(prompt.shape))
-    return self.lm.prefill(params, prompt, prompt_mask, max_new_tokens)
-
-  def decode_step(self, params, cache, token, slot, position, visible):
-    return self.lm.decode_step(params, cache, token, slot, position, visible)
+    return super().prefill(params, prompt, prompt_mask, max_new_tokens)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "t5"])

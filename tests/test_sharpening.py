@@ -19,6 +19,8 @@ from jaxsi import partitioning
 from jaxsi import sampling
 from jaxsi.models import decoder, from_pretrained
 from jaxsi.models.lm import LanguageModel
+
+from delegating_lm import DelegatingLM  # tests/delegating_lm.py
 from jaxsi.objectives import sharpening
 
 V, EOS = 40, 3
@@ -148,32 +150,20 @@ def test_response_validity_cuts_after_the_first_masked_in_eos():
 # ----------------------------------------------------------------------------- best-of-N
 
 
-class CountingLM(LanguageModel):
+class CountingLM(DelegatingLM):
   """Delegates to a real model and counts `prefill` and `logits` calls (made while tracing)."""
 
   def __init__(self, lm):
-    self.lm, self.config, self.vocab_size = lm, lm.config, lm.vocab_size
+    super().__init__(lm)
     self.prefill_shapes, self.logits_calls = [], 0
-
-  def init(self, rng):
-    return self.lm.init(rng)
-
-  def abstract_params(self):
-    return self.lm.abstract_params()
-
-  def param_axes(self):
-    return self.lm.param_axes()
 
   def logits(self, params, batch, *, dropout_rng=None):
     self.logits_calls += 1
-    return self.lm.logits(params, batch, dropout_rng=dropout_rng)
+    return super().logits(params, batch, dropout_rng=dropout_rng)
 
   def prefill(self, params, prompt, prompt_mask, max_new_tokens):
     self.prefill_shapes.append(tuple(prompt.shape))
-    return self.lm.prefill(params, prompt, prompt_mask, max_new_tokens)
-
-  def decode_step(self, params, cache, token, slot, position, visible):
-    return self.lm.decode_step(params, cache, token, slot, position, visible)
+    return super().prefill(params, prompt, prompt_mask, max_new_tokens)
 
 
 SV, SN, ST = 16, 4, 5  # vocabulary, samples per prompt, max_new_tokens of the sampling tests

@@ -137,6 +137,37 @@ def filter_logits(scaled_RxV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
   return jnp.where(scaled_RxV >= threshold_Rx1, scaled_RxV, -jnp.inf)
 
 
+def draw_from_probs(probs_RxV: jax.Array, uniform_R: jax.Array) -> jax.Array:
+  """Inverse-CDF sampling: the token whose cumulative-probability interval holds `uniform_R`.
+
+  Row r gets the first token j with p[r, j] > 0 and cdf[r, j] > u[r] * total[r], where cdf is
+  the running sum of the row and total the cdf at its last token of positive probability: the
+  token j with probability p[r, j] / total[r]. A token of probability 0 (filtered out, masked
+  or padded) is never returned, even for u just below 1 or where float rounding makes the
+  running sum flat or dip by an ulp.
+
+  One uniform per row, rather than the V Gumbel draws and the argmax over them of
+  `jax.random.categorical`: this is what each step of the sampler's loop draws with.
+
+  Args:
+    probs_RxV: [R, V] float32, non-negative, each row with at least one positive entry (need
+      not sum to 1).
+    uniform_R: [R] float32 in [0, 1).
+
+  Returns:
+    [R] int32 token ids.
+  """
+  vocab = probs_RxV.shape[-1]
+  positive_RxV = probs_RxV > 0
+  cdf_RxV = jnp.cumsum(probs_RxV, axis=-1)
+  total_R = jnp.max(jnp.where(positive_RxV, cdf_RxV, 0.0), axis=-1)
+  # u * total < total, so the token where the max is reached always qualifies.
+  target_R = jnp.minimum(uniform_R * total_R, jnp.nextafter(total_R, jnp.float32(0)))
+  qualifies_RxV = positive_RxV & (cdf_RxV > target_R[:, None])
+  index_V = jnp.arange(vocab, dtype=jnp.int32)
+  return jnp.min(jnp.where(qualifies_RxV, index_V, vocab - 1), axis=-1).astype(jnp.int32)
+
+
 def _choose_tokens(logits_RxV: jax.Array, rng: jax.Array, temperature: jax.Array,
                    top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Draws one token per row.
@@ -158,9 +189,10 @@ def _choose_tokens(logits_RxV: jax.Array, rng: jax.Array, temperature: jax.Array
     # A full-vocabulary sort every step is wasted work when no filter is on: skip it.
     filtered_RxV = jax.lax.cond(filtering, filter_logits, lambda x, *_: x,
                                 scaled_RxV, top_k, top_p)
-    token_R = jax.random.categorical(rng, filtered_RxV, axis=-1).astype(jnp.int32)
-    sample_logprob_R = jnp.take_along_axis(jax.nn.log_softmax(filtered_RxV, axis=-1),
-                                           token_R[:, None], axis=-1)[:, 0]
+    log_probs_RxV = jax.nn.log_softmax(filtered_RxV, axis=-1)
+    token_R = draw_from_probs(jnp.exp(log_probs_RxV),
+                              jax.random.uniform(rng, log_probs_RxV.shape[:1], jnp.float32))
+    sample_logprob_R = jnp.take_along_axis(log_probs_RxV, token_R[:, None], axis=-1)[:, 0]
     return token_R, sample_logprob_R
 
   def argmax(logits_RxV):

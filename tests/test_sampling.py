@@ -241,8 +241,10 @@ STUB_LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 3.0], np.float32)
 def stub_sampler():
   # Row 7 is head padding (num_real_tokens = 7): it has the largest logit but must never appear,
   # and as the EOS id it never ends a row, so every row draws all its tokens.
+  # 2 x 16000 draws: enough for the chi-square test to reject the closest wrong distribution
+  # below (temperature 2.5 for 2.0) with power > 0.999; 8000 gave it a coin flip's chance.
   lm = FixedLogitsLM(8, num_real_tokens=7)
-  return lm, sampling.make_sampler(lm, max_new_tokens=2, num_samples=4000, eos_id=7)
+  return lm, sampling.make_sampler(lm, max_new_tokens=2, num_samples=16000, eos_id=7)
 
 
 @pytest.mark.parametrize("knobs,wrong", [
@@ -410,3 +412,47 @@ def test_filter_logits_keeps_top_k_and_nucleus():
   got = sampling.filter_logits(logits, jnp.int32(0), jnp.float32(0.5))
   np.testing.assert_array_equal(np.isfinite(got[0]), [True, False, False, False, False])
   np.testing.assert_array_equal(got[0, 0], 3.0)
+
+
+def test_draw_from_probs_is_the_inverse_cdf():
+  rng = np.random.default_rng(0)
+  probs = rng.random((64, 50)).astype(np.float32) ** 4  # uneven rows
+  probs[rng.random(probs.shape) < 0.3] = 0.0  # filtered-out tokens
+  probs[:, 0] = 0.0
+  probs[:, -5:] = 0.0  # padded head rows at the end
+  probs[0, :] = 0.0
+  probs[0, 7] = 1e-30  # one tiny positive entry: the only possible draw
+  uniform = rng.random(64).astype(np.float32)
+  got = np.asarray(sampling.draw_from_probs(jnp.asarray(probs), jnp.asarray(uniform)))
+  # NumPy reference in float64: the first token whose running sum exceeds u * total.
+  cdf = np.cumsum(probs.astype(np.float64), axis=1)
+  want = np.array([np.searchsorted(c, u * c[-1], side="right") for c, u in zip(cdf, uniform)])
+  np.testing.assert_array_equal(got, want)
+  assert got[0] == 7
+  # The ends of [0, 1): u = 0 is the first positive token, the largest float below 1 the last
+  # (with no positive probability small enough to fall inside the top 2^-24 of the mass).
+  probs = np.where(probs > 0, probs + 0.1, 0.0).astype(np.float32)
+  probs[0, 7] = 1.0
+  positive = probs > 0
+  first = positive.argmax(axis=1)
+  last = probs.shape[1] - 1 - positive[:, ::-1].argmax(axis=1)
+  for u, expect in ((0.0, first), (np.nextafter(np.float32(1), np.float32(0)), last)):
+    got = sampling.draw_from_probs(jnp.asarray(probs), jnp.full((64,), u, jnp.float32))
+    np.testing.assert_array_equal(got, expect, err_msg=f"u={u}")
+
+
+def test_draw_from_probs_never_returns_a_zero_probability_token():
+  # Many tiny probabilities after a large one: float32 running sums stop growing there, so a
+  # naive "count of cdf <= u" could land on the zero entries between and after them.
+  probs = np.zeros((1, 4096), np.float32)
+  probs[0, 0] = 1.0
+  probs[0, 1::2] = 1e-9
+  # Half spread over [0, 1), half the 2048 largest floats below 1: the tail where the draw
+  # lands among the tiny probabilities (they hold the top ~2e-6 of the mass).
+  tail = np.float32(1) - np.arange(1, 2049, dtype=np.float32) * np.float32(2.0 ** -24)
+  uniform = np.concatenate([np.linspace(0.0, 1.0, 2048, endpoint=False, dtype=np.float32), tail])
+  got = np.asarray(sampling.draw_from_probs(jnp.broadcast_to(jnp.asarray(probs), (4096, 4096)),
+                                            jnp.asarray(uniform)))
+  assert (probs[0, got] > 0).all(), np.unique(got[probs[0, got] == 0])
+  assert (got[:2048] == 0).all()  # token 0 holds all but ~2e-6 of the mass
+  assert (got[2048:] > 0).sum() > 0  # the tail does reach the tiny tokens

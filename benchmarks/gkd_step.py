@@ -70,11 +70,13 @@ BETA = 0.5
 LR = 1e-4
 
 
-def _model_config(num_layers: int, d_model: int, num_heads: int) -> ml_collections.ConfigDict:
+def _model_config(num_layers: int, d_model: int, num_heads: int,
+                  fence_residual_grads: bool) -> ml_collections.ConfigDict:
   config = decoder.default_config("gpt2")
   config.update(vocab_size=VOCAB, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
                 num_kv_heads=num_heads, head_dim=d_model // num_heads, d_ff=4 * d_model,
-                max_len=128, dropout_rate=0.0)
+                max_len=128, dropout_rate=0.0,
+                fence_residual_grads=fence_residual_grads)
   return config
 
 
@@ -250,10 +252,12 @@ def main() -> None:
                       help="stop timing a side once its timed steps add up to this (>= 3 steps)")
   parser.add_argument("--torch_threads", type=int, default=2,
                       help="torch intra-op threads for the TRL side")
+  sft_step.add_fence_arg(parser)
   args = parser.parse_args()
 
-  student_lm = build(_model_config(**STUDENT))
-  teacher_lm = build(_model_config(**TEACHER))
+  fence = sft_step.fence_residual_grads(args)
+  student_lm = build(_model_config(**STUDENT, fence_residual_grads=fence))
+  teacher_lm = build(_model_config(**TEACHER, fence_residual_grads=fence))
   student = (student_lm, student_lm.init(jax.random.key(1)))
   teacher = (teacher_lm, teacher_lm.init(jax.random.key(2)))
   prompt = np.random.default_rng(0).integers(0, VOCAB, (args.batch, args.prompt_len)).astype(
@@ -261,6 +265,7 @@ def main() -> None:
   prompt_mask = np.ones_like(prompt)
 
   result = dict(benchmark="gkd_step", variant="gpt2", vocab_size=VOCAB,
+                fence_residual_grads=fence,
                 student=STUDENT, teacher=TEACHER, batch=args.batch, prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens, divergence=f"jsd({BETA})", optimizer="adamw", lr=LR,
                 steps=args.steps, warmup=args.warmup,

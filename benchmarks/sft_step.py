@@ -47,10 +47,24 @@ CONFIG = dict(vocab_size=512, num_layers=4, d_model=256, num_heads=4, num_kv_hea
 LR = 1e-4
 
 
-def model_config(dtype: str):
-  """The reference GPT-2-style model config (see CONFIG) computing in `dtype`."""
+def add_fence_arg(parser: argparse.ArgumentParser) -> None:
+  """--fence_residual_grads: the model knob (jaxsi/models/grad_fence.py), by default as advised."""
+  parser.add_argument("--fence_residual_grads", type=int, choices=(0, 1), default=None,
+                      help="1/0: the model knob on/off (default: on for CPU, off elsewhere)")
+
+
+def fence_residual_grads(args: argparse.Namespace) -> bool:
+  """The knob's value for this run: the flag, else on for CPU only (see grad_fence)."""
+  if args.fence_residual_grads is not None:
+    return bool(args.fence_residual_grads)
+  return jax.default_backend() == "cpu"
+
+
+def model_config(args: argparse.Namespace):
+  """The reference GPT-2-style model config (see CONFIG) computing in `args.dtype`."""
   config = decoder.default_config("gpt2")
-  config.update(CONFIG, dropout_rate=0.0, dtype=dtype)
+  config.update(CONFIG, dropout_rate=0.0, dtype=args.dtype,
+                fence_residual_grads=fence_residual_grads(args))
   return config
 
 
@@ -64,6 +78,7 @@ def add_step_args(parser: argparse.ArgumentParser) -> None:
                       help="stop timing once the timed steps add up to this (>= 3 steps)")
   parser.add_argument("--dtype", default="float32", choices=sorted(decoder.DTYPES),
                       help="model compute dtype (and the dtype of the peak matmul)")
+  add_fence_arg(parser)
 
 
 def machine() -> dict:
@@ -183,7 +198,7 @@ def main() -> None:
   parser.add_argument("--response_len", type=int, default=32)
   args = parser.parse_args()
 
-  lm = build(model_config(args.dtype))
+  lm = build(model_config(args))
   objective = sft.default_objective_config()
   loss_fn = objectives.make_loss_fn(objective, lm)
   rng = np.random.default_rng(0)
@@ -194,6 +209,7 @@ def main() -> None:
                response_mask=jnp.ones(shape["response"], jnp.int32))
 
   result = dict(benchmark="sft_step", variant="gpt2", **CONFIG, dtype=args.dtype,
+                fence_residual_grads=fence_residual_grads(args),
                 batch=args.batch, prompt_len=args.prompt_len, response_len=args.response_len,
                 objective=f"sft({objective.normalization})", optimizer="adamw", lr=LR,
                 steps=args.steps, warmup=args.warmup, **machine())

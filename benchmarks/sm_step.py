@@ -67,7 +67,7 @@ def main() -> None:
   if not 0.0 <= args.backspace_prob < 1.0:
     parser.error(f"--backspace_prob={args.backspace_prob} must be in [0, 1).")
 
-  lm = build(sft_step.model_config(args.dtype))
+  lm = build(sft_step.model_config(args))
   objective = sm.default_objective_config()
   objective.update(bc_steps=0, anneal_steps=0)  # β = beta_end from step 0: SM terms are live
   backspace_id = sm.resolve_backspace_id(objective, lm)
@@ -77,6 +77,7 @@ def main() -> None:
   backspace_rate = float((np.asarray(batch["targets"])[real] == backspace_id).mean())
 
   result = dict(benchmark="sm_step", variant="gpt2", **sft_step.CONFIG, dtype=args.dtype,
+                fence_residual_grads=sft_step.fence_residual_grads(args),
                 batch=args.batch, prompt_len=args.prompt_len, actions=args.actions,
                 response_len=args.actions + 1, backspace_id=backspace_id,
                 backspace_rate=backspace_rate, data_rows=int(np.asarray(batch["is_data"]).sum()),

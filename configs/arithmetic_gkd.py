@@ -29,6 +29,7 @@ def _decoder(width: int, layers: int, heads: int) -> ml_collections.ConfigDict:
   model = decoder.default_config("gpt2")
   model.update(vocab_size=128, d_model=width, num_layers=layers, num_heads=heads,
                num_kv_heads=heads, head_dim=width // heads, d_ff=4 * width, max_len=64)
+  model.fence_residual_grads = True  # a CPU demo: faster backward (jaxsi/models/grad_fence.py)
   return model
 
 
@@ -36,6 +37,7 @@ def _t5(width: int, layers: int, heads: int) -> ml_collections.ConfigDict:
   model = t5.default_config("v1_1")
   model.update(vocab_size=128, d_model=width, num_layers=layers, num_decoder_layers=layers,
                num_heads=heads, head_dim=width // heads, d_ff=2 * width)
+  model.fence_residual_grads = True  # a CPU demo: faster backward (jaxsi/models/grad_fence.py)
   return model
 
 

@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.head_dim = 32
   model.d_ff = 512 if variant != "llama" else 352
   model.max_len = 64
+  model.fence_residual_grads = True  # a CPU demo: faster backward (jaxsi/models/grad_fence.py)
 
   config = config_lib.base_config(model=model, data=data)
   steps = ml_collections.FieldReference(2000)

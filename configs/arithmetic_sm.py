@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.head_dim = 32
   model.d_ff = 512
   model.max_len = 64  # prompt 29 + actions 2 × 4 + 1 fit with room
+  model.fence_residual_grads = True  # a CPU demo: faster backward (jaxsi/models/grad_fence.py)
 
   config = config_lib.base_config(model=model, data=data)
   config.objective = sequencematch.default_objective_config()

@@ -1,4 +1,4 @@
-"""Rematerialization policies and scanned layers change speed and memory, never results.
+"""Rematerialization, scanned layers and gradient fences change speed and memory, never results.
 
 Every comparison runs the same weights through both layouts: the unscanned parameters are
 stacked by `layer_stack.to_scanned` (exact), so any difference comes from the computation.
@@ -107,6 +107,7 @@ def test_knobs_default_off_and_bad_values_fail_in_one_sentence(variant):
   family = "Decoder" if variant in decoder.VARIANTS else "T5"
   cfg = model_config(variant)
   assert cfg.remat_policy == "none" and cfg.scan_layers is False
+  assert cfg.fence_residual_grads is False
   cfg.remat_policy = "everything"
   with pytest.raises(ValueError, match=rf"^{family} config remat_policy='everything' is unknown; "
                      r"accepted: \['none', 'full', 'dots', 'dots_no_batch'\]\.$"):
@@ -116,14 +117,21 @@ def test_knobs_default_off_and_bad_values_fail_in_one_sentence(variant):
   cfg.scan_layers = 1
   with pytest.raises(ValueError, match=rf"^{family} config scan_layers=1 must be True or False\.$"):
     build(cfg)
+  cfg = model_config(variant)
+  del cfg.fence_residual_grads
+  cfg.fence_residual_grads = "yes"
+  with pytest.raises(ValueError, match=rf"^{family} config fence_residual_grads='yes' must be "
+                     r"True or False\.$"):
+    build(cfg)
 
 
 @pytest.mark.parametrize("variant", ["llama", "v1_0"])
 def test_configs_stored_before_the_knobs_still_build(variant):
   cfg = model_config(variant)
-  del cfg.remat_policy, cfg.scan_layers  # a run stored before the knobs existed
+  del cfg.remat_policy, cfg.scan_layers, cfg.fence_residual_grads  # stored before the knobs
   lm = build(cfg)
   assert lm.config.remat_policy == "none" and lm.config.scan_layers is False
+  assert lm.config.fence_residual_grads is False
   assert "layers" not in lm.abstract_params().get("decoder", lm.abstract_params())
 
 
@@ -268,6 +276,33 @@ def test_every_remat_policy_keeps_loss_and_gradients(variant):
   # Scanned gradients, unstacked, are the unscanned ones.
   assert_trees_close(layer_stack.to_unscanned(reference[True][1], model_config(variant)),
                      reference[False][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", MODELS)
+@pytest.mark.parametrize("scan", [False, True])
+def test_residual_grad_fence_keeps_loss_and_gradients_bitwise(variant, scan):
+  batch = make_batch()
+  params = build(model_config(variant, scan_layers=scan)).init(jax.random.PRNGKey(0))
+  results = {}
+  for fence in (False, True):
+    lm = build(model_config(variant, scan_layers=scan, fence_residual_grads=fence))
+    compiled = jax.jit(jax.value_and_grad(lambda p, lm=lm: nll(lm, p, batch))).lower(
+        params).compile()
+    results[fence] = compiled(params), compiled.as_text().count(" conditional(")
+  (loss, grads), fences = results[True]
+  (ref_loss, ref_grads), no_fences = results[False]
+  np.testing.assert_array_equal(loss, ref_loss)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_array_equal(got, want)
+  # The optimized program keeps one conditional per residual sum of the backward pass (a
+  # scanned stack's body holds one layer's): XLA did not fold the fences away.
+  cfg = model_config(variant)
+  if variant in decoder.VARIANTS:
+    per_stack = [(2, cfg.num_layers)]
+  else:
+    per_stack = [(2, cfg.num_layers), (3, cfg.num_decoder_layers)]
+  assert no_fences == 0
+  assert fences == sum(sums * (1 if scan else layers) for sums, layers in per_stack)
 
 
 @pytest.mark.parametrize("variant", ["llama", "v1_1"])

@@ -20,7 +20,9 @@ The KV cache used by `prefill` / `decode_step` is a dict:
 
 With `scan_layers` (see `jaxsi.models.layer_stack`) the layers run as one scan and "kv" is
 {"key", "value"}: [B, L, K, S + max_new_tokens, D], the layers on axis 1. `remat_policy` (see
-`jaxsi.models.remat`) chooses what the backward pass recomputes. Neither changes the results.
+`jaxsi.models.remat`) chooses what the backward pass recomputes; `fence_residual_grads` (see
+`jaxsi.models.grad_fence`) makes XLA:CPU compute each layer's residual gradient once. None of
+them changes the results.
 
 Every leaf has the batch as its leading dimension, so a sampler may repeat a
 prompt's cache along it. Keys and values are head-major (heads before slots),
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from jaxsi.models import grad_fence
 from jaxsi.models import layer_stack
 from jaxsi.models import layers
 from jaxsi.models import remat
@@ -87,6 +90,7 @@ def default_config(variant: str = "gpt2") -> ml_collections.ConfigDict:
   cfg.mlp_bias = gpt2
   cfg.remat_policy = "none"  # one of jaxsi.models.remat.POLICIES
   cfg.scan_layers = False    # run the layers as one nn.scan over stacked parameters
+  cfg.fence_residual_grads = False  # True on CPU: faster training (jaxsi.models.grad_fence)
   return cfg
 
 
@@ -155,10 +159,12 @@ class DecoderBlock(nn.Module):
                              positions_kv_BxM=positions_BxL, cache=cache,
                              cache_index=cache_index)
     h = self.dropout(h, deterministic=deterministic)
-    x_BxLxE = layers.constrain(x_BxLxE + h, layers.BATCH_LENGTH_EMBED)
+    fenced = self.config.fence_residual_grads
+    x_BxLxE = layers.constrain(grad_fence.fence(x_BxLxE + h, fenced), layers.BATCH_LENGTH_EMBED)
     h = self.mlp(self.mlp_norm(x_BxLxE))
     h = self.dropout(h, deterministic=deterministic)
-    return layers.constrain(x_BxLxE + h, layers.BATCH_LENGTH_EMBED), new_cache
+    return (layers.constrain(grad_fence.fence(x_BxLxE + h, fenced), layers.BATCH_LENGTH_EMBED),
+            new_cache)
 
 
 class ScannedDecoderBlock(DecoderBlock):

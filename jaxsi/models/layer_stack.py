@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxsi.models import remat
+from jaxsi.models import grad_fence, remat
 
 STACKED = "layers"  # name of a scanned stack's subtree and of its logical axis
 # Model config keys that configs stored before they existed may lack (see `layer_options`).
-OPTION_KEYS = frozenset({"remat_policy", "scan_layers"})
+OPTION_KEYS = frozenset({"remat_policy", "scan_layers", "fence_residual_grads"})
 
 
 class LayerGroup(NamedTuple):
@@ -50,32 +50,42 @@ class LayerGroup(NamedTuple):
   count: int
 
 
-def layer_options(config: Any, family: str) -> tuple[str, bool]:
-  """(remat_policy, scan_layers) of a model config, validated.
+class LayerOptions(NamedTuple):
+  """The per-layer speed and memory options of a model config (see `OPTION_KEYS`)."""
+  remat_policy: str
+  scan_layers: bool
+  fence_residual_grads: bool
 
-  Configs stored by runs from before these keys existed lack them: they mean "none", False.
+
+def layer_options(config: Any, family: str) -> LayerOptions:
+  """The layer options of a model config, validated.
+
+  Configs stored by runs from before these keys existed lack them: they mean "none", False,
+  False.
 
   Raises:
     ValueError: one sentence naming a bad value.
   """
   policy = config.get("remat_policy", "none")
   scan = config.get("scan_layers", False)
+  fence = config.get("fence_residual_grads", False)
   remat.check_policy(policy, family)
   if not isinstance(scan, bool):
     raise ValueError(f"{family} config scan_layers={scan!r} must be True or False.")
-  return policy, scan
+  grad_fence.check(fence, family)
+  return LayerOptions(policy, scan, fence)
 
 
 def with_layer_options(config: ml_collections.ConfigDict, family: str
                        ) -> ml_collections.ConfigDict:
   """`config` itself, or a copy with the defaults of the layer options it lacks (old runs)."""
-  policy, scan = layer_options(config, family)
+  options = layer_options(config, family)
   if OPTION_KEYS <= set(config.keys()):
     return config
   filled = copy.deepcopy(config)
   with filled.unlocked():
-    filled.remat_policy = policy
-    filled.scan_layers = scan
+    for key, value in options._asdict().items():
+      filled[key] = value
   return filled
 
 

@@ -19,7 +19,8 @@ computation runs in `config.dtype`, softmax and normalization statistics in floa
 
 `remat_policy` (see `jaxsi.models.remat`) chooses what the backward pass recomputes per layer;
 `scan_layers` runs each stack as one `nn.scan` over stacked parameters (see
-`jaxsi.models.layer_stack`). Neither changes the results.
+`jaxsi.models.layer_stack`); `fence_residual_grads` (see `jaxsi.models.grad_fence`) makes
+XLA:CPU compute each layer's residual gradient once. None of them changes the results.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxsi.models import grad_fence
 from jaxsi.models import layer_stack
 from jaxsi.models import layers
 from jaxsi.models import lm as lm_lib
@@ -93,6 +95,7 @@ def default_config(variant: str = "v1_1") -> ml_collections.ConfigDict:
   config.num_real_tokens = ml_collections.config_dict.placeholder(int)
   config.remat_policy = "none"  # one of jaxsi.models.remat.POLICIES
   config.scan_layers = False    # run each stack as one nn.scan over stacked parameters
+  config.fence_residual_grads = False  # True on CPU: faster training (jaxsi.models.grad_fence)
   return config
 
 
@@ -124,6 +127,7 @@ class T5Dims:
   dtype: Any
   remat_policy: str = "none"
   scan_layers: bool = False
+  fence_residual_grads: bool = False
 
 
 def dims_from_config(config: ml_collections.ConfigDict) -> T5Dims:
@@ -157,14 +161,14 @@ def dims_from_config(config: ml_collections.ConfigDict) -> T5Dims:
                      f"than relative_attention_num_buckets // 2 = {buckets // 2}.")
   if not 0.0 <= config.dropout_rate < 1.0:
     raise ValueError(f"T5 dropout_rate={config.dropout_rate!r} must lie in [0, 1).")
-  remat_policy, scan_layers = layer_stack.layer_options(config, "T5")
+  options = layer_stack.layer_options(config, "T5")
   return T5Dims(
       vocab_size=config.vocab_size, d_model=config.d_model, num_layers=config.num_layers,
       num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
       head_dim=config.head_dim, d_ff=config.d_ff, num_buckets=buckets, max_distance=distance,
       dropout_rate=float(config.dropout_rate), norm_eps=float(config.norm_eps),
       gated_gelu=config.variant == "v1_1", tie_embeddings=bool(config.tie_embeddings),
-      dtype=DTYPES[config.dtype], remat_policy=remat_policy, scan_layers=scan_layers)
+      dtype=DTYPES[config.dtype], **options._asdict())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,9 +355,11 @@ class EncoderLayer(nn.Module):
     h = self.pre_attention_norm(x_BxSxD)
     keys, values = self.attention.keys_values(h)
     h = self.attention(h, keys, values, bias_BxHxSxS, visible_BxSxS, deterministic)
-    x_BxSxD = x_BxSxD + self.dropout(h, deterministic=deterministic)
+    x_BxSxD = grad_fence.fence(x_BxSxD + self.dropout(h, deterministic=deterministic),
+                               self.dims.fence_residual_grads)
     h = self.mlp(self.pre_mlp_norm(x_BxSxD), deterministic)
-    x_BxSxD = x_BxSxD + self.dropout(h, deterministic=deterministic)
+    x_BxSxD = grad_fence.fence(x_BxSxD + self.dropout(h, deterministic=deterministic),
+                               self.dims.fence_residual_grads)
     return layers.constrain(x_BxSxD, layers.BATCH_LENGTH_EMBED)
 
 
@@ -401,12 +407,15 @@ class DecoderLayer(nn.Module):
       values = jax.lax.dynamic_update_slice_in_dim(cache_values, values.astype(cache_values.dtype),
                                                    write_index, axis=2)
     h = self.self_attention(h, keys, values, bias_BxHxQxK, self_visible_BxQxK, deterministic)
-    y_BxQxD = y_BxQxD + self.dropout(h, deterministic=deterministic)
+    y_BxQxD = grad_fence.fence(y_BxQxD + self.dropout(h, deterministic=deterministic),
+                               self.dims.fence_residual_grads)
     h = self.pre_cross_attention_norm(y_BxQxD)
     h = self.cross_attention(h, cross_kv[0], cross_kv[1], None, cross_visible_BxQxS, deterministic)
-    y_BxQxD = y_BxQxD + self.dropout(h, deterministic=deterministic)
+    y_BxQxD = grad_fence.fence(y_BxQxD + self.dropout(h, deterministic=deterministic),
+                               self.dims.fence_residual_grads)
     h = self.mlp(self.pre_mlp_norm(y_BxQxD), deterministic)
-    y_BxQxD = y_BxQxD + self.dropout(h, deterministic=deterministic)
+    y_BxQxD = grad_fence.fence(y_BxQxD + self.dropout(h, deterministic=deterministic),
+                               self.dims.fence_residual_grads)
     return layers.constrain(y_BxQxD, layers.BATCH_LENGTH_EMBED), (keys, values)
 
 

@@ -13,7 +13,8 @@ matrices with masks, not a causal half. For teacher-forced `LanguageModel.logits
 
   decoder  one sequence of L = S + T − 1 positions (prompt plus the response without its last
            token, which is never an input); scores [L, L]; the head runs on the T response
-           positions only.
+           positions only, and so does the last layer's query side (queries, scores, output
+           projection, MLP) unless the layers are scanned (`DecoderBlock`'s `num_outputs`).
   T5       encoder on the S prompt tokens (scores [S, S]); decoder on T positions (the start
            token plus the response without its last token) with self-attention [T, T] and
            cross-attention [T, S] (the cross keys/values are projected once per layer from
@@ -101,9 +102,16 @@ def _head_flops(config: Any, positions: int) -> int:
 
 
 def _decoder_stack_flops(config: Any, positions: int, keys: int, head_positions: int) -> int:
-  """A decoder-only model on `positions` new tokens attending to `keys` keys, one row."""
+  """A decoder-only model on `positions` new tokens attending to `keys` keys, one row.
+
+  The last layer computes its output only at the `head_positions` positions whose logits are
+  wanted, unless the layers run as one scan (then every layer computes all of them).
+  """
   layer = _attention_flops(config, positions, positions, keys) + _mlp_flops(config, positions)
-  return _get(config, "num_layers") * layer + _head_flops(config, head_positions)
+  outputs = positions if config.get("scan_layers", False) else head_positions
+  last = _attention_flops(config, outputs, positions, keys) + _mlp_flops(config, outputs)
+  return ((_get(config, "num_layers") - 1) * layer + last
+          + _head_flops(config, head_positions))
 
 
 def _t5_encoder_flops(config: Any, prompt_len: int) -> int:
@@ -202,9 +210,10 @@ def prefill_flops(model_config: Any, *, batch: int, prompt_len: int,
     model_config: the model config.
     batch: prompts B.
     prompt_len: prompt width S.
-    cache_slots: empty response slots the prompt is also scored against (jaxsi's prefill
-      attends over its whole allocated cache, `max_new_tokens` slots, all masked); 0 counts the
-      useful keys only.
+    cache_slots: empty response slots T5's start token is also scored against (its prefill
+      attends over the whole allocated self-attention cache, `max_new_tokens` slots, masked); 0
+      counts the useful keys only. A decoder's prefill scores the prompt slots only, so decoders
+      ignore it.
 
   Returns:
     Matmul FLOPs: decoders run the prompt and the head on its last position; T5 runs the
@@ -212,7 +221,7 @@ def prefill_flops(model_config: Any, *, batch: int, prompt_len: int,
   """
   _check_sizes(batch=batch, prompt_len=prompt_len)
   if _family(model_config) == "decoder":
-    per_row = _decoder_stack_flops(model_config, prompt_len, prompt_len + cache_slots, 1)
+    per_row = _decoder_stack_flops(model_config, prompt_len, prompt_len, 1)
   else:
     per_row = (_t5_encoder_flops(model_config, prompt_len)
                + _t5_cross_kv_flops(model_config, prompt_len)

@@ -100,7 +100,8 @@ def test_prefill_and_decode_step_equal_the_traced_matmuls(kind):
   b, s, new = 3, 5, 4
   prompt, prompt_mask = jnp.zeros((b, s), jnp.int32), jnp.ones((b, s), jnp.int32)
   prefill = lambda p: lm.prefill(p, prompt, prompt_mask, new)
-  # jaxsi's prefill and decode step multiply against the whole allocated cache.
+  # jaxsi's decode step (and T5's prefill) multiply against the whole allocated cache; a
+  # decoder's prefill against the prompt slots only.
   assert flops.prefill_flops(config, batch=b, prompt_len=s, cache_slots=new) == (
       _traced_flops(prefill, params))
   _, cache = jax.eval_shape(prefill, params)
@@ -116,11 +117,14 @@ def test_one_layer_gpt2_by_hand():
                 head_dim=8, d_ff=64, max_len=32)
   b, s, t = 2, 3, 4
   length = s + t - 1  # the last response token is never an input
-  qkv_out = 4 * 2 * length * 16 * 16          # four [16 -> 2 x 8] projections
-  attention = 2 * 2 * 2 * length * length * 8  # scores and mixing, 2 heads of width 8
-  mlp = 2 * 2 * length * 16 * 64
-  head = 2 * t * 16 * 50                       # logits of the response positions only
-  expected = b * (qkv_out + attention + mlp + head)
+  # The only layer is the last: keys and values of all positions, the rest on the t positions
+  # whose logits are wanted.
+  key_value = 2 * 2 * length * 16 * 16         # two [16 -> 2 x 8] projections
+  query_out = 2 * 2 * t * 16 * 16
+  attention = 2 * 2 * 2 * t * length * 8       # scores and mixing, 2 heads of width 8
+  mlp = 2 * 2 * t * 16 * 64
+  head = 2 * t * 16 * 50
+  expected = b * (key_value + query_out + attention + mlp + head)
   assert flops.forward_flops(config, batch=b, prompt_len=s, response_len=t) == expected
 
 

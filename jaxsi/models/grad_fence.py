@@ -11,7 +11,8 @@ step of `benchmarks/gkd_step.py` takes 0.180 s without the fence and 0.140 s wit
 `fence(x)` is the identity in the forward pass. In the backward pass its cotangent goes through
 a `lax.cond` on a runtime predicate whose branches both return it unchanged: XLA fuses nothing
 across a conditional, so the cotangent is computed once, into a buffer, that every consumer
-reads. Values and gradients are bitwise those of the unfenced model. The cost is one
+reads. Values and gradients are those of the unfenced model, mostly bitwise (where a fence
+moves a fusion boundary, XLA may sum in another order: ~1e-7 relative). The cost is one
 conditional per fence per backward pass: negligible on CPU, but a GPU reads each conditional's
 predicate on the host, so leave the knob off there and on TPU (the default). The forward pass
 (sampling, evaluation, a teacher's logits) is unaffected.

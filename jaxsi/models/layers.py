@@ -321,7 +321,9 @@ class Attention(nn.Module):
     Args:
       x_q_BxLxE: query inputs [B, L, E].
       x_kv_BxMxE: key/value inputs [B, M, E] (the same array for self-attention).
-      mask_BxLxN: bool [B, L, N]; N = M without a cache, else the cache length.
+      mask_BxLxN: bool [B, L, N]; N = M without a cache, else at most the cache length: the
+        cache slots from N on are not attended at all (a prefill into a fresh cache passes
+        N = M and skips the empty slots).
       positions_q_BxL: query positions (needed with `rope_theta`).
       positions_kv_BxM: key positions (needed with `rope_theta`).
       cache: optional {"key", "value"}: [B, K, N, D] each (head-major, see
@@ -357,6 +359,9 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype),
                                               cache_index, axis=2)
       new_cache = {"key": k, "value": v}
+      visible_slots = mask_BxLxN.shape[-1]
+      if visible_slots < k.shape[2]:
+        k, v = k[:, :, :visible_slots], v[:, :, :visible_slots]
 
     out = head_major_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask_BxLxN,
                                bias_BxHxLxM=bias_BxHxLxN, scale=self.scale)

@@ -71,6 +71,8 @@ def _sft_stage(config: ml_collections.ConfigDict, model: ml_collections.ConfigDi
   stage = ml_collections.ConfigDict(config.to_dict())  # a plain, unlocked copy
   stage.model = ml_collections.ConfigDict(model.to_dict())
   stage.objective = sft.default_objective_config()
+  # A large-vocabulary run's prerequisites need the chunked loss as much as its main stage.
+  stage.objective.vocab_chunk_size = config.objective.get("vocab_chunk_size", 0)
   stage.init_from = init_from
   stage.train.steps = steps
   stage.optim.total_steps = steps

@@ -40,6 +40,15 @@ def test_pipeline_trains_teacher_student_then_distills(pipeline_run):
   assert "eval/accuracy" in metrics
 
 
+def test_teacher_and_student_sft_stages_keep_the_chunked_loss(tmp_path):
+  stages = pipeline.stages(_config(**{"objective.vocab_chunk_size": 3}), str(tmp_path))
+  assert [s.name for s in stages] == ["teacher", "student_sft", "distill"]
+  for stage in stages[:2]:
+    assert stage.config.objective.name == "sft"
+    assert stage.config.objective.vocab_chunk_size == 3, stage.name
+  assert stages[2].config.objective.vocab_chunk_size == 3
+
+
 def test_rerun_reuses_finished_stages(pipeline_run, capsys):
   workdir, _ = pipeline_run
   stages = pipeline.stages(_config(), workdir)

@@ -47,6 +47,11 @@ def test_stages_are_base_generate_sharpen(tmp_path):
   assert main.objective.to_dict() == config.objective.to_dict()
 
 
+def test_the_base_stage_keeps_the_chunked_loss(tmp_path):
+  base = pipeline.stages(_config(**{"objective.vocab_chunk_size": 2}), str(tmp_path))[0]
+  assert base.config.objective.name == "sft" and base.config.objective.vocab_chunk_size == 2
+
+
 def test_a_given_base_or_dataset_skips_those_stages(tmp_path):
   stages = pipeline.stages(_config(**{"base.source": "/models/b"}), str(tmp_path))
   assert [s.name for s in stages] == ["generate", "sharpen"]

@@ -455,6 +455,33 @@ def test_sft_mode_is_the_masked_nll():
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+def test_sft_mode_takes_the_chunked_loss():
+  lm, params = _tiny_decoder()
+  rng = np.random.default_rng(3)
+  batch = {"prompt": jnp.asarray(rng.integers(1, 14, (3, 4)), jnp.int32),
+           "prompt_mask": jnp.ones((3, 4), jnp.int32),
+           "response": jnp.asarray(rng.integers(1, 14, (3, 5)), jnp.int32),
+           "response_mask": jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]],
+                                        jnp.int32)}
+
+  def value_and_grad(chunk):
+    loss_fn = sharpening.make_loss_fn(lm, _cfg(mode="sft", vocab_chunk_size=chunk))
+    loss = lambda p: loss_fn(p, {}, batch, None, 0)[0]
+    # The chunked loss runs the head under a scan over positions; the plain one has no scan.
+    assert ("scan" in str(jax.make_jaxpr(loss)(params))) == (chunk > 0)
+    return jax.value_and_grad(loss)(params)
+
+  (loss, grads), (want_loss, want_grads) = value_and_grad(2), value_and_grad(0)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r"^Sharpening vocab_chunk_size=2 applies to mode 'sft' "
+                     r"only \(mode 'rlhf' scores whole sequences\); set it to 0\.$"):
+    sharpening.validate(_cfg(mode="rlhf", vocab_chunk_size=2))
+  with pytest.raises(ValueError, match=r"^Sharpening vocab_chunk_size=-1 must be an integer"):
+    sharpening.validate(_cfg(vocab_chunk_size=-1))
+
+
 # ----------------------------------------------------------------------------- adaptive N
 
 

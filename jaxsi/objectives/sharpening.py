@@ -41,6 +41,7 @@ from jaxsi import config as config_lib
 from jaxsi import partitioning
 from jaxsi import sampling
 from jaxsi.models import lm as lm_lib
+from jaxsi.objectives import chunked
 from jaxsi.objectives import sft
 
 MODES = ("sft", "rlhf", "xpo")
@@ -70,6 +71,8 @@ def default_objective_config() -> ml_collections.ConfigDict:
     drop_truncated: rank responses that hit max_new_tokens without EOS below all others.
     max_new_tokens: sample length; None = the task's response width.
     normalization: "sequence" or "token", the NLL average of mode "sft" (see `sft.normalize`).
+    vocab_chunk_size: mode "sft" only: 0 (default) or c > 0 to apply the output head to c
+      positions at a time, never holding [B, T, V] logits (see `sft.default_objective_config`).
     beta: β > 0 of the RLHF-Sharpening loss; its optimum is π ∝ π_base^(1 + 1/β).
     xpo_alpha: α >= 0, weight of the XPO optimism term α·log π(ỹ|x) (mode "xpo").
     adaptive_n: generate stage only. enabled; k > 0 and delta in (0, 1): stop sampling a
@@ -89,6 +92,7 @@ def default_objective_config() -> ml_collections.ConfigDict:
   cfg.drop_truncated = False
   cfg.max_new_tokens = config_dict.placeholder(int)
   cfg.normalization = "sequence"
+  cfg.vocab_chunk_size = 0
   cfg.beta = 1.0
   cfg.xpo_alpha = 1e-3
   cfg.adaptive_n = ml_collections.ConfigDict(
@@ -145,6 +149,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"Sharpening max_new_tokens={cfg.max_new_tokens!r} must be an integer "
                      ">= 1 or None (= the task's response width).")
   sft.check_normalization(cfg.normalization)
+  chunked.check_chunk_size(cfg.vocab_chunk_size, "Sharpening")
+  if cfg.vocab_chunk_size and cfg.mode != "sft":
+    raise ValueError(f"Sharpening vocab_chunk_size={cfg.vocab_chunk_size} applies to mode 'sft' "
+                     f"only (mode {cfg.mode!r} scores whole sequences); set it to 0.")
   if not _is_number(cfg.beta) or not cfg.beta > 0:
     raise ValueError(f"Sharpening beta={cfg.beta!r} must be a number > 0.")
   if not _is_number(cfg.xpo_alpha) or not cfg.xpo_alpha >= 0:
@@ -624,8 +632,9 @@ def make_loss_fn(lm: lm_lib.LanguageModel, objective_cfg: ml_collections.ConfigD
   validate(objective_cfg)
   cfg = objective_cfg
   if cfg.mode == "sft":
-    return sft.make_loss_fn(lm, ml_collections.ConfigDict(
-        {"name": "sft", "normalization": cfg.normalization}))
+    sft_cfg = sft.default_objective_config()
+    sft_cfg.update(normalization=cfg.normalization, vocab_chunk_size=cfg.vocab_chunk_size)
+    return sft.make_loss_fn(lm, sft_cfg)
   if base_lm is None:
     raise ValueError(f"Sharpening mode {cfg.mode!r} needs the frozen base model; pass "
                      "base_lm=... to make_loss_fn.")

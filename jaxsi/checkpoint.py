@@ -132,6 +132,25 @@ class Checkpointer:
         f"No readable checkpoint in {self.directory} (steps {errors} failed to restore: damaged, or "
         "saved with a different model or optimizer config than this run's).")
 
+  def restore_params(self, abstract_params: Any, step: int) -> Any:
+    """Only the parameters of step `step`'s train state; the optimizer state is never read.
+
+    A `Checkpointer` that restored parameters this way cannot `restore` a whole state (orbax
+    fixes an item's handler at first use): use a fresh one.
+
+    Args:
+      abstract_params: pytree of `jax.ShapeDtypeStruct` with `.sharding` set: the target layout.
+      step: the checkpoint step.
+
+    Returns:
+      The parameters, laid out as `abstract_params` says.
+    """
+    item = {"params": abstract_params}
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return restored["state"]["params"]
+
   def read_json(self, step: int, item: str) -> dict:
     """Reads a JSON side item of `step` without touching the state."""
     return self._manager.restore(step, args=ocp.args.Composite(

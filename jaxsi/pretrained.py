@@ -21,9 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxsi import checkpoint as checkpoint_lib
-from jaxsi import optim
 from jaxsi import partitioning
-from jaxsi import state as state_lib
 from jaxsi.models import build
 from jaxsi.models import layer_stack
 from jaxsi.models.lm import LanguageModel
@@ -65,9 +63,9 @@ def load_workdir(workdir: str, *, mesh: Mesh | None = None, step: int | None = N
                  ) -> tuple[LanguageModel, Any, ml_collections.ConfigDict]:
   """The model and parameters of a jaxsi run.
 
-  The state is restored directly into the layout it will be used in: sharded over `mesh`
-  when one is given (so a large teacher never has to fit on one device), else on one device
-  and returned as NumPy arrays.
+  Only the parameters are read (the optimizer state stays on disk), directly into the layout
+  they will be used in: sharded over `mesh` when one is given (so a large teacher never has to
+  fit on one device), else on one device and returned as NumPy arrays.
 
   Returns:
     (lm, params, the run's stored config).
@@ -78,19 +76,17 @@ def load_workdir(workdir: str, *, mesh: Mesh | None = None, step: int | None = N
     # The run trained a model grown by the <bksp> row; its stored config is the un-grown one.
     from jaxsi import sm_batches
     lm = sm_batches.with_backspace(lm, config.objective)
-  tx = optim.build_optimizer(config.optim)
-  abstract = jax.eval_shape(lambda r: state_lib.create(lm.init(r), tx), jax.random.PRNGKey(0))
+  abstract = lm.abstract_params()
   target_mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                                                    partitioning.MESH_AXES)
-  shardings = state_lib.shardings(abstract, lm.param_axes(), target_mesh)
+  shardings = partitioning.shardings_for(lm.param_axes(), abstract, target_mesh)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    _, state, _ = checkpointer.restore(
-        checkpoint_lib.abstract_with_shardings(abstract, shardings), step=step)
+    params = checkpointer.restore_params(
+        checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
   finally:
     checkpointer.close()
-  params = state.params if mesh is not None else jax.tree.map(np.asarray, state.params)
-  return lm, params, config
+  return lm, params if mesh is not None else jax.tree.map(np.asarray, params), config
 
 
 def in_layout_of(like: LanguageModel, lm: LanguageModel, params: Any

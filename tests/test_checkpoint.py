@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsi import checkpoint as checkpoint_lib
 from jaxsi import mesh as mesh_lib
+from jaxsi import partitioning
 from jaxsi import state as state_lib
 
 AXES = {"embed": {"kernel": P("embed", "mlp")}, "head": {"kernel": P("mlp", "vocab"),
@@ -77,6 +78,25 @@ def test_save_restore_is_exact_and_moves_to_another_mesh(tmp_path, tx_name):
   _assert_trees_equal(restored_one, state)
   assert len(restored_one.params["head"]["bias"].sharding.device_set) == 1
   ckpt.close()
+
+
+def test_restore_params_reads_the_parameters_alone_onto_another_mesh(tmp_path):
+  state, _ = _state(_mesh(2, 2, 2), optax.adamw(1e-2))
+  directory = str(tmp_path / "ckpt")
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  assert ckpt.save(1, state, config={"a": 1})
+  ckpt.wait()
+  ckpt.close()
+  # The target names the parameters only: no optimizer is needed to describe the checkpoint.
+  mesh = _mesh(1, 4, 2)
+  abstract = jax.eval_shape(lambda: state.params)
+  target = checkpoint_lib.abstract_with_shardings(
+      abstract, partitioning.shardings_for(AXES, abstract, mesh))
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  params = ckpt.restore_params(target, 1)
+  ckpt.close()
+  _assert_trees_equal(params, state.params)
+  assert params["embed"]["kernel"].sharding.mesh.shape["fsdp"] == 4
 
 
 def test_keeps_last_n_plus_best_and_never_overwrites(tmp_path):

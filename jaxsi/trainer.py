@@ -141,11 +141,48 @@ def setup(config, workdir: str) -> Run:
              decode, eval_examples)
 
 
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+  """{"prefix.a.b": leaf} of a nested dict."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}.{key}"))
+  return out
+
+
+def _stored_differences(run: Run) -> list[str]:
+  """"key: stored value there, this run's here" for the model and optimizer keys that differ
+  between the workdir's latest checkpoint and `run` (empty when its config cannot be read)."""
+  try:
+    stored = run.checkpointer.read_json(run.checkpointer.latest_step(), "config")
+  except Exception:  # noqa: BLE001 - a damaged step: the caller's own error stands.
+    return []
+  current = run.config.to_dict()
+  differences = []
+  for section in ("model", "optim"):
+    there, here = _flat(stored.get(section, {}), section), _flat(current.get(section, {}), section)
+    for key in sorted(set(there) | set(here)):
+      if there.get(key) != here.get(key):
+        differences.append(f"{key}: {there.get(key)!r} there, {here.get(key)!r} here")
+  return differences
+
+
 def restore_or_init(run: Run) -> tuple[Any, int]:
   """The latest readable checkpoint in the workdir, else a fresh state. Returns (state, step)."""
   if run.checkpointer.latest_step() is not None:
     target = checkpoint_lib.abstract_with_shardings(run.abstract_state, run.state_shardings)
-    step, state, _ = run.checkpointer.restore(target)
+    try:
+      step, state, _ = run.checkpointer.restore(target)
+    except FileNotFoundError:
+      differences = _stored_differences(run)
+      if not differences:
+        raise
+      raise config_lib.ConfigError(
+          f"{run.checkpointer.directory} holds the checkpoints of a run with another model or "
+          f"optimizer ({'; '.join(differences)}), which this run cannot resume; give it a new "
+          f"--workdir (--config.init_from={run.workdir} starts it from those weights if the "
+          "model matches, in either layer layout).") from None
     logging.info("Resumed from %s at step %d.", run.checkpointer.directory, step)
     return state, step
   if run.config.init_from:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +76,20 @@ def test_eval_mode_restores_and_scores(full_run):
   workdir, metrics = full_run
   result = trainer.evaluate_only(_config(), workdir)
   assert result["eval/accuracy"] == pytest.approx(metrics["eval/accuracy"])
+
+
+def test_a_workdir_of_another_model_names_the_difference(full_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  layers = _config().model.num_layers
+  with pytest.raises(config_lib.ConfigError) as error:
+    trainer.train(_config(**{"model.num_layers": layers + 1}), workdir)
+  message = str(error.value)
+  assert message.startswith(f"{workdir}/checkpoints holds the checkpoints of a run with another "
+                            "model or optimizer (model.num_layers: "
+                            f"{layers} there, {layers + 1} here)"), message
+  assert message.endswith(f"--config.init_from={workdir} starts it from those weights if the "
+                          "model matches, in either layer layout)."), message
 
 
 def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path):

@@ -20,16 +20,8 @@ predicate on the host, so leave the knob off there and on TPU (the default). The
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-
-
-def check(value: Any, family: str) -> None:
-  """Raises ValueError with one sentence unless `value` is True or False."""
-  if not isinstance(value, bool):
-    raise ValueError(f"{family} config fence_residual_grads={value!r} must be True or False.")
 
 
 @jax.custom_vjp

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxsi.models import grad_fence, remat
+from jaxsi.models import remat
 
 STACKED = "layers"  # name of a scanned stack's subtree and of its logical axis
 # Model config keys that configs stored before they existed may lack (see `layer_options`).
@@ -70,9 +70,9 @@ def layer_options(config: Any, family: str) -> LayerOptions:
   scan = config.get("scan_layers", False)
   fence = config.get("fence_residual_grads", False)
   remat.check_policy(policy, family)
-  if not isinstance(scan, bool):
-    raise ValueError(f"{family} config scan_layers={scan!r} must be True or False.")
-  grad_fence.check(fence, family)
+  for key, value in (("scan_layers", scan), ("fence_residual_grads", fence)):
+    if not isinstance(value, bool):
+      raise ValueError(f"{family} config {key}={value!r} must be True or False.")
   return LayerOptions(policy, scan, fence)
 
 
